@@ -1,0 +1,186 @@
+"""The analytic VRAM estimator (pure Python; imports no torch).
+
+`estimate(model, settings)` returns named components in bytes and three peaks:
+- allocated: what `torch.cuda.max_memory_allocated()` reports, the maximum over the phases of a step;
+- reserved: what `torch.cuda.max_memory_reserved()` reports (allocator caching on top of allocated);
+- device: what NVML / nvidia-smi shows for the process (reserved + CUDA context + libraries + paged states).
+Each phase lists the tensors alive at its worst moment; see the modules of this package for every term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..profiles import ModelSpec
+from ..settings import Settings
+from . import activations as act
+from .adapters import ADAPTER_DTYPE, adapter_params, adapter_tensors
+from .dtypes import nbytes
+from .optimizer import OptimizerBytes, Trainable, gradient_bytes, optimizer_bytes
+from .overhead import Overheads, overheads
+from .weights import WeightBytes, weight_bytes
+
+LABELS = {
+    "weights_4bit": "base weights, 4-bit packed",
+    "quant_constants": "quantization constants",
+    "weights_dense": "base weights, not quantized",
+    "upcast_transient": "16-bit copy during fp32 upcast",
+    "lora_adapters": "LoRA adapters (fp32)",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "optimizer_step_temp": "optimizer step temporaries",
+    "activations": "activations kept for backward",
+    "recompute_layer": "recomputed layer (checkpointing)",
+    "grads_in_flight": "activation gradients in flight",
+    "loss_head": "logits + cross-entropy",
+    "lm_head_cast": "lm_head bf16 copy (autocast)",
+    "adapter_casts": "adapter bf16 copies (autocast)",
+    "dequant_transient": "dequantized weight (transient)",
+    "cublas_workspace": "cuBLAS workspace",
+    "allocator_reserve": "allocator cache / fragmentation",
+    "cuda_context": "CUDA context + libraries",
+    "paged_optimizer": "paged optimizer states (managed)",
+}
+
+
+@dataclass
+class Estimate:
+    model: ModelSpec
+    settings: Settings
+    phases: dict[str, dict[str, int]]  # phase -> component -> bytes (torch-allocated tensors)
+    peak_phase: str
+    components: dict[str, int]  # the peak phase's tensors + allocator reserve + context + paged
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    peak_device_bytes: int
+    device_low_bytes: int
+    device_high_bytes: int
+    paged_bytes: int
+    total_params: int
+    trainable_params: int
+    overheads: Overheads
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def resident_device_bytes(self) -> int:
+        """Device memory that cannot move to the host: paged (managed) optimizer states can."""
+        return self.peak_device_bytes - self.paged_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.name,
+            "method": self.settings.method,
+            "settings": self.settings.to_dict(),
+            "components": dict(self.components),
+            "peak_phase": self.peak_phase,
+            "phases": {k: sum(v.values()) for k, v in self.phases.items()},
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "peak_device_band_bytes": [self.device_low_bytes, self.device_high_bytes],
+            "paged_bytes": self.paged_bytes,
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "calibration": self.overheads.source,
+            "notes": list(self.notes),
+        }
+
+
+def trainable_tensors(model: ModelSpec, s: Settings) -> list[Trainable]:
+    if s.uses_adapters:
+        b = nbytes(ADAPTER_DTYPE)
+        return [Trainable(t.numel, t.count, b, (s.rank, t.numel // s.rank)) for t in adapter_tensors(model, s)]
+    b = nbytes(s.compute_dtype)
+    h, v, L = model.hidden_size, model.vocab_size, model.num_layers
+    out = [Trainable(v * h, 1, b, (v, h))]
+    if not model.tie_word_embeddings:
+        out.append(Trainable(v * h, 1, b, (v, h)))
+    out.append(Trainable(h, L * model.norms_per_layer + 1, b))
+    for m in model.layer_modules():
+        out.append(Trainable(m.in_features * m.out_features * m.count, L, b, (m.out_features, m.in_features), m.count))
+        if m.bias:
+            out.append(Trainable(m.out_features, L * m.count, b))
+    return out
+
+
+def _notes(model: ModelSpec, s: Settings, w: WeightBytes) -> list[str]:
+    notes = []
+    if s.method == "qlora" and model.is_moe:
+        notes.append(
+            "transformers 5.x stores MoE experts as fused parameters that bitsandbytes does not quantize and "
+            "all-linear LoRA does not target: they stay "
+            + ("fp32 after prepare_model_for_kbit_training" if s.upcast_non_quantized else "16-bit")
+        )
+    if model.model_type == "gemma2" and s.attn == "sdpa":
+        notes.append("Gemma-2: sdpa drops attention logit softcapping (transformers 5.23 refuses it); eager is exact")
+    return notes
+
+
+def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) -> Estimate:
+    s = settings.validated()
+    ov = ov or overheads()
+    w = weight_bytes(model, s)
+    n_adapter = adapter_params(model, s)
+    adapters = n_adapter * nbytes(ADAPTER_DTYPE)
+    tensors = trainable_tensors(model, s)
+    grads = gradient_bytes(tensors)
+    opt: OptimizerBytes = optimizer_bytes(tensors, s.optimizer_kind)
+    tokens = s.tokens_per_step
+
+    static = {"weights_4bit": w.quantized_packed, "quant_constants": w.quant_constants,
+              "weights_dense": w.dense, "lora_adapters": adapters}
+    steady = {**static, "optimizer_states": opt.device, "cublas_workspace": ov.cublas_workspace}
+
+    per_token = sum(act.layer_saved_per_token(model, s).values())
+    one_layer = per_token * tokens + act.layer_saved_fixed(model, s)
+    all_layers = one_layer * model.num_layers
+    in_flight = act.layer_grad_in_flight_per_token(model, s) * tokens
+    dequant = act.dequant_transient_bytes(model, s, w.largest_quantized_numel)
+    ckpt = act.checkpoint_bytes(model, s)
+    gc = s.gradient_checkpointing
+    casts = act.adapter_cast_bytes(n_adapter, s)
+
+    # gradients that exist when backward reaches the first / the last decoder layer
+    if s.method == "full":
+        b = nbytes(s.compute_dtype)
+        head_grads = model.vocab_size * model.hidden_size * b
+        grads_before_embed = grads - (0 if model.tie_word_embeddings else head_grads)
+    else:
+        head_grads, grads_before_embed = 0, grads
+
+    phases = {
+        "load": {**static, "lora_adapters": 0, "upcast_transient": w.upcast_transient},
+        "loss": {**steady, "activations": ckpt if gc else all_layers, "loss_head": act.loss_head_bytes(model, s),
+                 "lm_head_cast": act.lm_head_cast_bytes(model, s, w.dense_dtype), "adapter_casts": casts},
+        "backward (last layer)": {**steady, "activations": ckpt if gc else all_layers,
+                                  "recompute_layer": one_layer if gc else 0, "grads_in_flight": in_flight,
+                                  "gradients": head_grads, "dequant_transient": dequant, "adapter_casts": casts},
+        "backward (first layer)": {**steady, "activations": (ckpt // model.num_layers) if gc else one_layer,
+                                   "recompute_layer": one_layer if gc else 0, "grads_in_flight": in_flight,
+                                   "gradients": grads_before_embed, "dequant_transient": dequant},
+        "optimizer step": {**steady, "gradients": grads, "optimizer_step_temp": opt.step_transient},
+    }
+    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
+    allocated = sum(phases[peak_phase].values())
+    reserved = round(allocated * ov.reserve_ratio)
+    uses_bnb = s.method == "qlora" or s.optimizer_kind in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+    context = ov.cuda_context + (ov.bnb_runtime if uses_bnb else 0)
+    device = reserved + context + opt.paged
+
+    err = ov.allocated_rel_error
+    low = round(allocated * (1 - err) * ov.reserve_ratio_low) + context + opt.paged
+    high = round(allocated * (1 + err) * ov.reserve_ratio_high) + context + opt.paged
+
+    components = {k: v for k, v in phases[peak_phase].items() if v}
+    components["allocator_reserve"] = reserved - allocated
+    components["cuda_context"] = context
+    if opt.paged:
+        components["paged_optimizer"] = opt.paged
+    trainable = n_adapter if s.uses_adapters else model.total_params
+    return Estimate(
+        model=model, settings=s, phases=phases, peak_phase=peak_phase, components=components,
+        peak_allocated_bytes=allocated, peak_reserved_bytes=reserved, peak_device_bytes=device,
+        device_low_bytes=low, device_high_bytes=max(high, device), paged_bytes=opt.paged,
+        total_params=model.total_params + n_adapter, trainable_params=trainable, overheads=ov,
+        notes=_notes(model, s, w),
+    )
