@@ -7,7 +7,7 @@ Only what no formula gives is fitted, each as the median over the records it app
 - bnb_runtime_bytes: the same residue minus the CUDA context, for records that use bitsandbytes;
 - cublas_workspace_bytes: allocated after training - allocated after load - the optimizer states the estimator
   predicts (what persists after the first step besides the states is the cuBLAS workspace);
-- reserve_ratio: torch reserved peak / allocated peak;
+- reserve_fraction: (torch reserved peak - allocated peak) / the estimate's dynamic bytes at the peak;
 - allocated_rel_error: the analytic allocated peak's relative error on these records (the estimate's band).
 The output records which records it was fitted on. Rerun after adding measurements; tests check that the
 committed file equals a fresh fit.
@@ -33,8 +33,12 @@ def _uses_bnb(r: Record) -> bool:
 
 
 def _stat(values: list[float]) -> dict:
-    return {"value": int(round(statistics.median(values))), "min": int(min(values)), "max": int(max(values)),
-            "n": len(values)}
+    return {
+        "value": int(round(statistics.median(values))),
+        "min": int(min(values)),
+        "max": int(max(values)),
+        "n": len(values),
+    }
 
 
 def _paged(r: Record) -> int:
@@ -58,30 +62,53 @@ def fit(records: list[Record]) -> dict:
             model = resolve_model(r.model)
             opt = optimizer_bytes(trainable_tensors(model, r.settings), r.settings.optimizer_kind)
             cublas.append(m["mem_after_train"]["allocated"] - m["mem_after_load"]["allocated"] - opt.device)
-    ratios = [r.measured["peak_reserved_bytes"] / r.measured["peak_allocated_bytes"] for r in recs]
+    ov0 = replace(overheads(), reserve_fraction=0.0)
+    ratios = []
+    for r in recs:
+        e = estimate(resolve_model(r.model), r.settings, ov0)
+        gap = r.measured["peak_reserved_bytes"] - r.measured["peak_allocated_bytes"]
+        ratios.append(gap / e.dynamic_bytes)
     out = {
         "generated_by": "qlora-bench calibrate",
         "fitted_on": sorted(r.id for r in recs),
-        "source_files": sorted({str(r.path.relative_to(RESULTS_DIR.parent)) if r.path.is_relative_to(RESULTS_DIR.parent)
-                                else str(r.path) for r in recs}),
+        "source_files": sorted(
+            {
+                str(r.path.relative_to(RESULTS_DIR.parent))
+                if r.path.is_relative_to(RESULTS_DIR.parent)
+                else str(r.path)
+                for r in recs
+            }
+        ),
         "gpus": sorted({r.data.get("environment", {}).get("gpu_name") or "?" for r in recs}),
         "driver_idle_bytes": _stat([r.measured["nvml_used_baseline_bytes"] for r in recs]),
         "cuda_context_bytes": ctx,
         "bnb_runtime_bytes": _stat(bnb) if bnb else {"value": 0, "min": 0, "max": 0, "n": 0},
         "cublas_workspace_bytes": _stat(cublas) if cublas else {"value": 0, "min": 0, "max": 0, "n": 0},
-        "reserve_ratio": {"median": round(statistics.median(ratios), 4), "min": round(min(ratios), 4),
-                          "max": round(max(ratios), 4), "n": len(ratios)},
+        "reserve_fraction": {
+            "median": round(statistics.median(ratios), 4),
+            "min": round(min(ratios), 4),
+            "max": round(max(ratios), 4),
+            "n": len(ratios),
+        },
     }
     # the analytic allocated peak with these overheads, against each record
-    ov = replace(overheads(), cublas_workspace=out["cublas_workspace_bytes"]["value"], allocated_rel_error=0.0,
-                 calibrated=True, source="fit in progress")
+    ov = replace(
+        overheads(),
+        cublas_workspace=out["cublas_workspace_bytes"]["value"],
+        allocated_rel_error=0.0,
+        calibrated=True,
+        source="fit in progress",
+    )
     errors = {}
     for r in recs:
         e = estimate(resolve_model(r.model), r.settings, ov)
         errors[r.id] = round(e.peak_allocated_bytes / r.measured["peak_allocated_bytes"] - 1, 4)
     abs_err = [abs(v) for v in errors.values()]
-    out["allocated_rel_error"] = {"max": max(abs_err), "median": round(statistics.median(abs_err), 4),
-                                  "per_record": errors}
+    out["allocated_rel_error"] = {
+        "max": max(abs_err),
+        "median": round(statistics.median(abs_err), 4),
+        "per_record": errors,
+    }
     return out
 
 

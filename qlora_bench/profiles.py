@@ -172,9 +172,7 @@ def model_from_config(cfg: dict, name: str, where: str, **meta) -> ModelSpec:
         raise InputError(f"{where}: expected a JSON object of config.json fields")
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise InputError(
-            f"{where}: field 'model_type' is {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise InputError(f"{where}: field 'model_type' is {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     h = _need(cfg, "hidden_size", where)
     heads = _need(cfg, "num_attention_heads", where)
     kv = cfg.get("num_key_value_heads") or heads
@@ -284,7 +282,8 @@ def resolve_model(arg: str) -> ModelSpec:
         return _fetch_hub_config(arg)
     hint = closest(key, list(_model_index()))
     raise InputError(
-        f"unknown model '{arg}'" + (f"; closest profiles: {', '.join(hint)}" if hint else "")
+        f"unknown model '{arg}'"
+        + (f"; closest profiles: {', '.join(hint)}" if hint else "")
         + " (see `qlora-bench profiles`; a config.json path or hub id also works)"
     )
 
@@ -377,6 +376,7 @@ def resolve_gpu(arg: str) -> GpuSpec:
         raise InputError(f"GPU memory '{arg}': use GB or GiB per GPU (e.g. 48gb, 24GiB, 2x24gb)")
     hint = closest(key, list(_gpu_index()))
     raise InputError(
-        f"unknown GPU '{arg}'" + (f"; closest profiles: {', '.join(hint)}" if hint else "")
+        f"unknown GPU '{arg}'"
+        + (f"; closest profiles: {', '.join(hint)}" if hint else "")
         + "; or give a size such as 24gb, 48GiB, 2x24gb"
     )

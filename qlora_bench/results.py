@@ -91,8 +91,13 @@ def append_record(path: Path, data: dict) -> None:
 
 
 # ---- importing the shared H100 measurements --------------------------------------------------------------
-_MEM_KEYS = ("mem_after_cuda_init", "mem_after_model_build", "mem_after_prepare_kbit", "mem_after_load",
-             "mem_after_train")
+_MEM_KEYS = (
+    "mem_after_cuda_init",
+    "mem_after_model_build",
+    "mem_after_prepare_kbit",
+    "mem_after_load",
+    "mem_after_train",
+)
 
 
 def _settings_from_shared(r: dict) -> Settings:
@@ -100,9 +105,16 @@ def _settings_from_shared(r: dict) -> Settings:
     taken': LoRA on q,k,v,o,gate,up,down = all-linear for Llama, dropout 0.05, bf16 autocast,
     prepare_model_for_kbit_training for QLoRA, i.e. fp32 upcast)."""
     d = dict(
-        method=r["method"], optimizer=r["optimizer"], batch=r["batch_size"], seq=r["seq_len"],
-        gradient_checkpointing=r["gradient_checkpointing"], attn=r["attn_implementation"],
-        compute_dtype="bf16", upcast_non_quantized=True, dropout=0.05, targets="all-linear",
+        method=r["method"],
+        optimizer=r["optimizer"],
+        batch=r["batch_size"],
+        seq=r["seq_len"],
+        gradient_checkpointing=r["gradient_checkpointing"],
+        attn=r["attn_implementation"],
+        compute_dtype="bf16",
+        upcast_non_quantized=True,
+        dropout=0.05,
+        targets="all-linear",
     )
     if r["method"] != "full":
         d.update(rank=r["r"], alpha=r["lora_alpha"])

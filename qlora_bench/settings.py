@@ -90,7 +90,9 @@ class Settings:
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"optimizer '{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise InputError(f"blocksize {self.blocksize} is not a bitsandbytes 4-bit blocksize (32..4096, powers of 2)")
+            raise InputError(
+                f"blocksize {self.blocksize} is not a bitsandbytes 4-bit blocksize (32..4096, powers of 2)"
+            )
         for name in ("batch", "seq", "grad_accum"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -115,5 +117,10 @@ class Settings:
             parts.append(self.quant + ("+dq" if self.double_quant else ""))
         if self.uses_adapters:
             parts.append(f"r={self.rank}")
-        parts += [f"{self.batch}x{self.seq}", self.optimizer, "gc" if self.gradient_checkpointing else "no-gc", self.attn]
+        parts += [
+            f"{self.batch}x{self.seq}",
+            self.optimizer,
+            "gc" if self.gradient_checkpointing else "no-gc",
+            self.attn,
+        ]
         return " ".join(parts)

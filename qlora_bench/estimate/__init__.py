@@ -42,6 +42,16 @@ LABELS = {
     "paged_optimizer": "paged optimizer states (managed)",
 }
 
+# Components allocated once (at load or at the first optimizer step) and kept for the whole run.
+PERSISTENT = (
+    "weights_4bit",
+    "quant_constants",
+    "weights_dense",
+    "lora_adapters",
+    "optimizer_states",
+    "cublas_workspace",
+)
+
 
 @dataclass
 class Estimate:
@@ -51,6 +61,7 @@ class Estimate:
     peak_phase: str
     components: dict[str, int]  # the peak phase's tensors + allocator reserve + context + paged
     peak_allocated_bytes: int
+    dynamic_bytes: int  # the part of the allocated peak that is created and freed within a step
     peak_reserved_bytes: int
     peak_device_bytes: int
     device_low_bytes: int
@@ -127,8 +138,12 @@ def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) 
     opt: OptimizerBytes = optimizer_bytes(tensors, s.optimizer_kind)
     tokens = s.tokens_per_step
 
-    static = {"weights_4bit": w.quantized_packed, "quant_constants": w.quant_constants,
-              "weights_dense": w.dense, "lora_adapters": adapters}
+    static = {
+        "weights_4bit": w.quantized_packed,
+        "quant_constants": w.quant_constants,
+        "weights_dense": w.dense,
+        "lora_adapters": adapters,
+    }
     steady = {**static, "optimizer_states": opt.device, "cublas_workspace": ov.cublas_workspace}
 
     per_token = sum(act.layer_saved_per_token(model, s).values())
@@ -150,26 +165,43 @@ def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) 
 
     phases = {
         "load": {**static, "lora_adapters": 0, "upcast_transient": w.upcast_transient},
-        "loss": {**steady, "activations": ckpt if gc else all_layers, "loss_head": act.loss_head_bytes(model, s),
-                 "lm_head_cast": act.lm_head_cast_bytes(model, s, w.dense_dtype), "adapter_casts": casts},
-        "backward (last layer)": {**steady, "activations": ckpt if gc else all_layers,
-                                  "recompute_layer": one_layer if gc else 0, "grads_in_flight": in_flight,
-                                  "gradients": head_grads, "dequant_transient": dequant, "adapter_casts": casts},
-        "backward (first layer)": {**steady, "activations": (ckpt // model.num_layers) if gc else one_layer,
-                                   "recompute_layer": one_layer if gc else 0, "grads_in_flight": in_flight,
-                                   "gradients": grads_before_embed, "dequant_transient": dequant},
+        "loss": {
+            **steady,
+            "activations": ckpt if gc else all_layers,
+            "loss_head": act.loss_head_bytes(model, s),
+            "lm_head_cast": act.lm_head_cast_bytes(model, s, w.dense_dtype),
+            "adapter_casts": casts,
+        },
+        "backward (last layer)": {
+            **steady,
+            "activations": ckpt if gc else all_layers,
+            "recompute_layer": one_layer if gc else 0,
+            "grads_in_flight": in_flight,
+            "gradients": head_grads,
+            "dequant_transient": dequant,
+            "adapter_casts": casts,
+        },
+        "backward (first layer)": {
+            **steady,
+            "activations": (ckpt // model.num_layers) if gc else one_layer,
+            "recompute_layer": one_layer if gc else 0,
+            "grads_in_flight": in_flight,
+            "gradients": grads_before_embed,
+            "dequant_transient": dequant,
+        },
         "optimizer step": {**steady, "gradients": grads, "optimizer_step_temp": opt.step_transient},
     }
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     allocated = sum(phases[peak_phase].values())
-    reserved = round(allocated * ov.reserve_ratio)
+    dynamic = allocated - sum(phases[peak_phase].get(k, 0) for k in PERSISTENT)
+    reserved = allocated + round(dynamic * ov.reserve_fraction)
     uses_bnb = s.method == "qlora" or s.optimizer_kind in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
     context = ov.cuda_context + (ov.bnb_runtime if uses_bnb else 0)
     device = reserved + context + opt.paged
 
     err = ov.allocated_rel_error
-    low = round(allocated * (1 - err) * ov.reserve_ratio_low) + context + opt.paged
-    high = round(allocated * (1 + err) * ov.reserve_ratio_high) + context + opt.paged
+    low = round(allocated * (1 - err) + dynamic * ov.reserve_fraction_low) + context + opt.paged
+    high = round(allocated * (1 + err) + dynamic * ov.reserve_fraction_high) + context + opt.paged
 
     components = {k: v for k, v in phases[peak_phase].items() if v}
     components["allocator_reserve"] = reserved - allocated
@@ -178,9 +210,20 @@ def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) 
         components["paged_optimizer"] = opt.paged
     trainable = n_adapter if s.uses_adapters else model.total_params
     return Estimate(
-        model=model, settings=s, phases=phases, peak_phase=peak_phase, components=components,
-        peak_allocated_bytes=allocated, peak_reserved_bytes=reserved, peak_device_bytes=device,
-        device_low_bytes=low, device_high_bytes=max(high, device), paged_bytes=opt.paged,
-        total_params=model.total_params + n_adapter, trainable_params=trainable, overheads=ov,
+        model=model,
+        settings=s,
+        phases=phases,
+        peak_phase=peak_phase,
+        components=components,
+        peak_allocated_bytes=allocated,
+        dynamic_bytes=dynamic,
+        peak_reserved_bytes=reserved,
+        peak_device_bytes=device,
+        device_low_bytes=low,
+        device_high_bytes=max(high, device),
+        paged_bytes=opt.paged,
+        total_params=model.total_params + n_adapter,
+        trainable_params=trainable,
+        overheads=ov,
         notes=_notes(model, s, w),
     )

@@ -70,7 +70,8 @@ def layer_saved_per_token(model: ModelSpec, s: Settings) -> dict[str, int]:
         mask = DROPOUT_MASK_BYTES if s.dropout > 0 else 0
         per_layer = 0
         for mod in target_modules(model, s):
-            per_layer += mod.count * ((mask + c) * mod.in_features + c * s.rank)
+            uses = model.experts_per_token if mod.group == "expert" else mod.count  # a token visits k experts
+            per_layer += uses * ((mask + c) * mod.in_features + c * s.rank)
         terms["lora inputs"] = per_layer
     return terms
 

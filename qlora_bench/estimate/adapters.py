@@ -3,8 +3,10 @@
 Per adapted module (in -> out): lora_A [r, in] and lora_B [out, r] -> r * (in + out) parameters.
 peft's `autocast_adapter_dtype=True` (the default) creates them in fp32 even on a 16-bit base.
 Which modules are adapted: `all-linear` is peft's INCLUDE_LINEAR_LAYERS_SHORTHAND, every nn.Linear except the
-output layer; for transformers 5.x MoE models that leaves out the experts and the router, which are fused
-`nn.Parameter`s rather than nn.Linear.
+output layer. For transformers 5.x MoE models peft (0.21) also adapts the router and the fused 3-D expert
+parameters (`target_parameters`, one ParamWrapper per tensor): lora_A [r*E, in], lora_B [out, r*E], and it sets
+rank_pattern/alpha_pattern to 2r for `gate_up_proj`, which fuses two projections (checked against
+get_peft_model in tests/test_param_counts.py).
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ def target_modules(model: ModelSpec, s: Settings) -> list[LinearModule]:
     linear = [m for m in model.layer_modules() if m.is_linear]
     t = s.targets.strip().lower()
     if t == "all-linear":
-        return linear
+        return model.layer_modules()  # peft adapts MoE routers and experts too
     if t == "attn":
         return [m for m in linear if m.group == "attn"]
     if t == "mlp":
-        chosen = [m for m in linear if m.group == "mlp"]
+        chosen = [m for m in model.layer_modules() if m.group in ("mlp", "expert", "router")]
         if not chosen:
-            raise InputError(f"targets 'mlp': {model.name} has no nn.Linear MLP modules (MoE experts are fused parameters)")
+            raise InputError(
+                f"targets 'mlp': {model.name} has no nn.Linear MLP modules (MoE experts are fused parameters)"
+            )
         return chosen
     names = [n.strip() for n in t.split(",") if n.strip()]
     by_name = {m.name: m for m in linear}
@@ -54,7 +58,15 @@ def adapter_tensors(model: ModelSpec, s: Settings) -> list[AdapterTensor]:
         return []
     out = []
     for m in target_modules(model, s):
-        if s.rank > min(m.in_features, m.out_features):
+        if m.group == "expert":
+            # one ParamWrapper per fused tensor of E experts; gate_up_proj gets rank 2r (peft rank_pattern)
+            r = s.rank * (2 if m.name.endswith("gate_up_proj") else 1) * m.count
+            out += [
+                AdapterTensor(r * m.in_features, model.num_layers),
+                AdapterTensor(r * m.out_features, model.num_layers),
+            ]
+            continue
+        if m.is_linear and s.rank > min(m.in_features, m.out_features):
             raise InputError(
                 f"rank {s.rank} is larger than {m.name} ({m.in_features} -> {m.out_features}) of {model.name}; "
                 f"use a rank <= {min(m.in_features, m.out_features)}"

@@ -22,7 +22,7 @@ _FALLBACK = {
     "cuda_context_bytes": 1000 * MiB,
     "bnb_runtime_bytes": 0,
     "cublas_workspace_bytes": 0,
-    "reserve_ratio": {"median": 1.0, "min": 1.0, "max": 1.0},
+    "reserve_fraction": {"median": 0.0, "min": 0.0, "max": 0.0},
     "driver_idle_bytes": 0,
     "allocated_rel_error": {"max": 0.0},
 }
@@ -33,9 +33,13 @@ class Overheads:
     cuda_context: int  # CUDA context + kernels/libraries loaded by torch (NVML sees it, torch does not)
     bnb_runtime: int  # extra device memory once bitsandbytes' CUDA kernels are loaded and used
     cublas_workspace: int  # cuBLAS/cuBLASLt workspaces; allocated through torch's caching allocator
-    reserve_ratio: float  # torch reserved / allocated at the peak (allocator caching and fragmentation)
-    reserve_ratio_low: float
-    reserve_ratio_high: float
+    # torch reserved - allocated at the peak, as a fraction of the step's dynamic memory (allocated minus
+    # weights, adapters, optimizer states, workspace): the caching allocator keeps freed blocks of the
+    # activations / logits / gradients that later requests of other sizes cannot reuse. Static tensors are
+    # allocated once and packed, so they add no slack.
+    reserve_fraction: float
+    reserve_fraction_low: float
+    reserve_fraction_high: float
     driver_idle: int  # NVML `used` on an idle GPU before any process (ECC, driver): not usable by training
     allocated_rel_error: float  # worst relative error of the analytic allocated peak on the fitted records
     calibrated: bool
@@ -55,14 +59,14 @@ def overheads() -> Overheads:
         v = cal[key]
         return v["value"] if isinstance(v, dict) else v
 
-    rr = cal["reserve_ratio"]
+    rr = cal["reserve_fraction"]
     return Overheads(
         cuda_context=int(val("cuda_context_bytes")),
         bnb_runtime=int(val("bnb_runtime_bytes")),
         cublas_workspace=int(val("cublas_workspace_bytes")),
-        reserve_ratio=rr["median"],
-        reserve_ratio_low=rr["min"],
-        reserve_ratio_high=rr["max"],
+        reserve_fraction=rr["median"],
+        reserve_fraction_low=rr["min"],
+        reserve_fraction_high=rr["max"],
         driver_idle=int(val("driver_idle_bytes")),
         allocated_rel_error=cal.get("allocated_rel_error", {}).get("max", 0.0),
         calibrated=calibrated,

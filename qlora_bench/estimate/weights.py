@@ -50,8 +50,9 @@ def quantized_modules(model: ModelSpec):
 def weight_bytes(model: ModelSpec, s: Settings) -> WeightBytes:
     base_dtype = "fp32" if s.compute_dtype == "fp32" else s.compute_dtype
     if s.method != "qlora":
-        return WeightBytes(dense=model.total_params * nbytes(base_dtype), dense_params=model.total_params,
-                           dense_dtype=base_dtype)
+        return WeightBytes(
+            dense=model.total_params * nbytes(base_dtype), dense_params=model.total_params, dense_dtype=base_dtype
+        )
     packed = constants = qparams = largest = 0
     for m in quantized_modules(model):
         q = quantized_tensor_bytes(m.in_features * m.out_features, s.blocksize, s.double_quant)
@@ -64,6 +65,13 @@ def weight_bytes(model: ModelSpec, s: Settings) -> WeightBytes:
     dense_dtype = "fp32" if s.upcast_non_quantized else ("bf16" if s.compute_dtype == "fp32" else s.compute_dtype)
     biggest_dense = max(model.embedding_params, model.lm_head_params)
     transient = biggest_dense * 2 if s.upcast_non_quantized else 0
-    return WeightBytes(quantized_packed=packed, quant_constants=constants, dense=dense_params * nbytes(dense_dtype),
-                       dense_params=dense_params, dense_dtype=dense_dtype, quantized_params=qparams,
-                       largest_quantized_numel=largest, upcast_transient=transient)
+    return WeightBytes(
+        quantized_packed=packed,
+        quant_constants=constants,
+        dense=dense_params * nbytes(dense_dtype),
+        dense_params=dense_params,
+        dense_dtype=dense_dtype,
+        quantized_params=qparams,
+        largest_quantized_numel=largest,
+        upcast_transient=transient,
+    )

@@ -1,0 +1,227 @@
+"""qlora-bench command line: thin commands over profiles -> estimate -> plan (and the results store).
+
+Bad input prints one line (`qlora-bench: error: ...`) and exits 2; a verdict, fit or not, exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+from .settings import ATTN, DTYPES, METHODS, OPTIMIZERS, QUANT_TYPES, Settings
+
+# Optimizer when --optimizer is not given: the QLoRA recipe's paged 8-bit AdamW; for LoRA and full fine-tuning
+# the HF Trainer's default on current torch (adamw_torch_fused).
+DEFAULT_OPTIMIZER = {"qlora": "paged_adamw_8bit", "lora": "adamw_torch_fused", "full": "adamw_torch_fused"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"qlora-bench: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def add_settings_args(p: argparse.ArgumentParser, methods=(*METHODS, "all")) -> None:
+    """The settings vocabulary shared by plan (and later run / sweep)."""
+    d = Settings()
+    g = p.add_argument_group("training settings")
+    g.add_argument("--method", choices=methods, default=d.method, help="fine-tuning method (default qlora)")
+    g.add_argument("--batch", type=_positive_int, default=d.batch, help="micro-batch size (default 1)")
+    g.add_argument("--seq", type=_positive_int, default=d.seq, help="tokens per sequence (default 2048)")
+    g.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum, help="gradient accumulation steps")
+    g.add_argument("--rank", type=_positive_int, default=d.rank, help="LoRA rank r (default 16)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (default 32)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout (default 0.05)")
+    g.add_argument(
+        "--targets",
+        default=d.targets,
+        help="LoRA target modules: all-linear (default), attn, mlp, or a comma list (q_proj,v_proj)",
+    )
+    g.add_argument("--quant", choices=QUANT_TYPES, default=d.quant, help="4-bit type for qlora (default nf4)")
+    g.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=d.double_quant,
+        help="quantize the quantization constants again (default on)",
+    )
+    g.add_argument("--compute-dtype", choices=DTYPES, default=d.compute_dtype, help="compute dtype (default bf16)")
+    g.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        default=None,
+        help="TrainingArguments optim name (default paged_adamw_8bit for qlora, adamw_torch_fused for lora/full)",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=d.gradient_checkpointing,
+        help="recompute activations in backward (default on)",
+    )
+    g.add_argument("--attn", choices=ATTN, default=d.attn, help="attention implementation (default sdpa)")
+    g.add_argument(
+        "--upcast-non-quantized",
+        action=argparse.BooleanOptionalAction,
+        default=d.upcast_non_quantized,
+        help="qlora: cast embeddings, lm_head and norms to fp32 as peft's prepare_model_for_kbit_training "
+        "does (default on)",
+    )
+
+
+def settings_from_args(a: argparse.Namespace, method: str) -> Settings:
+    if method != "qlora" and a.quant != "nf4" and a.method != "all":
+        raise InputError(f"--quant {a.quant} applies only to --method qlora (got --method {method})")
+    alpha = int(a.alpha) if float(a.alpha).is_integer() else a.alpha
+    return Settings(
+        method=method,
+        quant=a.quant if method == "qlora" else "nf4",
+        double_quant=a.double_quant,
+        compute_dtype=a.compute_dtype,
+        rank=a.rank,
+        alpha=alpha,
+        dropout=a.dropout,
+        targets=a.targets,
+        optimizer=a.optimizer or DEFAULT_OPTIMIZER[method],
+        gradient_checkpointing=a.gradient_checkpointing,
+        batch=a.batch,
+        seq=a.seq,
+        grad_accum=a.grad_accum,
+        attn=a.attn,
+        upcast_non_quantized=a.upcast_non_quantized,
+    ).validated()
+
+
+# ---- commands --------------------------------------------------------------------------------------------
+def cmd_plan(a: argparse.Namespace) -> int:
+    from .plan import plan
+    from .profiles import resolve_gpu, resolve_model
+
+    model = resolve_model(a.model)
+    gpu = resolve_gpu(a.gpu)
+    methods = list(METHODS) if a.method == "all" else [a.method]
+    plans = [plan(model, settings_from_args(a, m), gpu) for m in methods]
+    if a.json:
+        out = [p.to_dict() for p in plans]
+        print(json.dumps(out if a.method == "all" else out[0], indent=2))
+        return 0
+    from . import render
+
+    if a.method == "all":
+        render.plans_side_by_side(plans)
+    else:
+        render.plan(plans[0])
+    return 0
+
+
+def cmd_profiles(a: argparse.Namespace) -> int:
+    from . import render
+
+    if a.json:
+        from .profiles import gpu_names, load_model_profile, model_names, resolve_gpu
+
+        out = {
+            "models": [
+                {"name": n, "params": load_model_profile(n).total_params, "source": load_model_profile(n).source}
+                for n in model_names()
+            ],
+            "gpus": [{"name": n, "memory_total_bytes": resolve_gpu(n).memory_total_bytes} for n in gpu_names()],
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    render.profiles()
+    return 0
+
+
+def cmd_import_shared(a: argparse.Namespace) -> int:
+    from .results import RESULTS_DIR, import_shared
+
+    dest = Path(a.out) if a.out else RESULTS_DIR / "h100" / "hf-stack-shared.jsonl"
+    n = import_shared(Path(a.source), dest)
+    print(f"imported {n} records into {dest}")
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from .calibration import calibrate
+    from .units import fmt_gib
+
+    cal = calibrate(Path(a.results))
+    err = cal["allocated_rel_error"]
+    print(f"fitted on {len(cal['fitted_on'])} records from {', '.join(cal['source_files'])}")
+    for key in ("driver_idle_bytes", "cuda_context_bytes", "bnb_runtime_bytes", "cublas_workspace_bytes"):
+        v = cal[key]
+        print(
+            f"  {key:24s} {fmt_gib(v['value'], 3)}  (n={v['n']}, range {fmt_gib(v['min'], 3)}..{fmt_gib(v['max'], 3)})"
+        )
+    rr = cal["reserve_fraction"]
+    print(f"  {'reserve_fraction':24s} {rr['median']}  (range {rr['min']}..{rr['max']})")
+    print(f"  allocated peak error: median {err['median']:.2%}, worst {err['max']:.2%}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(
+        prog="qlora-bench",
+        description="Will this fine-tune fit, what will it cost, which settings are "
+        "fastest: VRAM planning checked against real runs.",
+    )
+    p.add_argument("--version", action="version", version=f"qlora-bench {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sp = sub.add_parser(
+        "plan",
+        help="feasibility verdict with a memory breakdown",
+        description="Estimate peak GPU memory for a fine-tuning configuration and say whether it fits.",
+    )
+    sp.add_argument(
+        "--model",
+        required=True,
+        help="profile name or alias (70b, llama-3.1-8b), a config.json file or folder, or a hub id",
+    )
+    sp.add_argument("--gpu", required=True, help="GPU profile (h100, rtx-4090) or size (48gb, 24GiB, 2x24gb)")
+    add_settings_args(sp)
+    sp.add_argument("--json", action="store_true", help="print JSON (a list for --method all)")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_profiles)
+
+    sp = sub.add_parser("import-shared", help="import shared/measurements into results/ with provenance")
+    sp.add_argument("source", help="folder (or .jsonl file) of shared measurements, e.g. ../shared/measurements")
+    sp.add_argument("--out", help="destination .jsonl (default results/h100/hf-stack-shared.jsonl)")
+    sp.set_defaults(func=cmd_import_shared)
+
+    sp = sub.add_parser("calibrate", help="fit overhead constants from committed results")
+    sp.add_argument("results", nargs="?", default=str(Path(__file__).resolve().parent.parent / "results"))
+    sp.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"qlora-bench: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. piped into head
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Feasibility plan (pure): verdict, headroom, the largest batch / sequence that fit, and changes that would fit.
+
+What counts against the GPU is the estimator's device peak (what nvidia-smi would show for the process)
+without the paged optimizer states, which bitsandbytes allocates as CUDA managed memory that the driver can
+evict to host memory under pressure (slower, but not an OOM). The usable memory is the board's total minus what
+the driver itself uses on an idle GPU (calibrated from measurements).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InputError
+from .estimate import Estimate, estimate
+from .estimate.overhead import overheads
+from .profiles import GpuSpec, ModelSpec, gpu_names, resolve_gpu
+from .settings import Settings
+
+MAX_BATCH_SEARCH = 1 << 16
+MAX_SEQ_SEARCH = 1 << 20
+
+
+@dataclass
+class Suggestion:
+    change: str  # what to do, as a person says it
+    flags: str  # the command-line flags that do it
+    settings: Settings
+    peak_device_bytes: int
+    fits: bool
+    decides_verdict: bool = False
+
+
+@dataclass
+class Plan:
+    estimate: Estimate
+    gpu: GpuSpec
+    usable_bytes: int
+    fits: bool
+    verdict: str  # fits | tight | does not fit
+    headroom_bytes: int
+    max_batch: int
+    max_seq: int
+    suggestions: list[Suggestion] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        e = self.estimate
+        return {
+            **e.to_dict(),
+            "gpu": self.gpu.label,
+            "gpu_count": self.gpu.count,
+            "gpu_memory_bytes": self.gpu.memory_total_bytes,
+            "usable_bytes": self.usable_bytes,
+            "fits": self.fits,
+            "verdict": self.verdict,
+            "headroom_bytes": self.headroom_bytes,
+            "max_batch": self.max_batch,
+            "max_seq": self.max_seq,
+            "suggestions": [
+                {
+                    "change": s.change,
+                    "flags": s.flags,
+                    "peak_device_bytes": s.peak_device_bytes,
+                    "fits": s.fits,
+                    "decides_verdict": s.decides_verdict,
+                }
+                for s in self.suggestions
+            ],
+            "notes": e.notes + self.notes,
+        }
+
+
+def usable_bytes(gpu: GpuSpec) -> int:
+    return gpu.memory_total_bytes - overheads().driver_idle
+
+
+def _fits(e: Estimate, usable: int) -> bool:
+    return e.resident_device_bytes <= usable
+
+
+def fits(model: ModelSpec, s: Settings, usable: int) -> bool:
+    return _fits(estimate(model, s), usable)
+
+
+def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int) -> int:
+    """Largest value of `key` (batch or seq) in [1, cap] that fits; 0 if none. Memory grows with both."""
+    if not fits(model, s.with_(**{key: 1}), usable):
+        return 0
+    lo, hi = 1, 2
+    while hi <= cap and fits(model, s.with_(**{key: hi}), usable):
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(model, s.with_(**{key: mid}), usable):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def max_batch(model: ModelSpec, s: Settings, usable: int) -> int:
+    return _largest(model, s, usable, "batch", MAX_BATCH_SEARCH)
+
+
+def max_seq(model: ModelSpec, s: Settings, usable: int) -> int:
+    return _largest(model, s, usable, "seq", MAX_SEQ_SEARCH)
+
+
+def _candidate_changes(model: ModelSpec, s: Settings, usable: int) -> list[tuple[str, str, Settings]]:
+    c = []
+    if not s.gradient_checkpointing:
+        c.append(("turn on gradient checkpointing", "--gradient-checkpointing", s.with_(gradient_checkpointing=True)))
+    if s.optimizer_kind != "paged_adamw_8bit":
+        c.append(
+            (
+                "use the paged 8-bit AdamW optimizer",
+                "--optimizer paged_adamw_8bit",
+                s.with_(optimizer="paged_adamw_8bit"),
+            )
+        )
+    if s.method == "full":
+        c.append(("train LoRA adapters instead of all weights", "--method lora", s.with_(method="lora")))
+    if s.method in ("full", "lora"):
+        c.append(("use QLoRA (4-bit NF4 base)", "--method qlora", s.with_(method="qlora")))
+    if s.method == "qlora" and s.upcast_non_quantized:
+        c.append(
+            (
+                "keep embeddings, lm_head and norms 16-bit (skip peft's fp32 upcast)",
+                "--no-upcast-non-quantized",
+                s.with_(upcast_non_quantized=False),
+            )
+        )
+    if s.method == "qlora" and not s.double_quant:
+        c.append(("turn on double quantization", "--double-quant", s.with_(double_quant=True)))
+    if s.uses_adapters and s.rank > 8:
+        c.append(("lower the LoRA rank to 8", "--rank 8", s.with_(rank=8)))
+    if s.batch > 1:
+        b = max_batch(model, s, usable)
+        if 1 <= b < s.batch:
+            accum = -(-s.batch * s.grad_accum // b)
+            c.append(
+                (
+                    f"micro-batch {b} with gradient accumulation {accum} (same effective batch)",
+                    f"--batch {b} --grad-accum {accum}",
+                    s.with_(batch=b, grad_accum=accum),
+                )
+            )
+    seq = max_seq(model, s, usable)
+    if 1 <= seq < s.seq:
+        c.append((f"shorten sequences to {seq} tokens", f"--seq {seq}", s.with_(seq=seq)))
+    return c
+
+
+def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, current: Estimate) -> list[Suggestion]:
+    out = []
+    for change, flags, new in _candidate_changes(model, s, usable):
+        try:
+            e = estimate(model, new)
+        except InputError:
+            continue
+        ok = _fits(e, usable)
+        out.append(
+            Suggestion(change, flags, new, e.peak_device_bytes, ok, decides_verdict=ok != _fits(current, usable))
+        )
+    if not any(x.fits for x in out):
+        # no single change is enough: stack the memory savers that keep the training recipe
+        combo, names, flags = s, [], []
+        for change, flag, new in _candidate_changes(model, s, usable):
+            if flag.startswith(("--seq", "--batch")):
+                continue
+            combo = combo.with_(**{k: v for k, v in new.to_dict().items() if v != s.to_dict()[k]})
+            names.append(change)
+            flags.append(flag)
+        if names and combo != s:
+            e = estimate(model, combo)
+            out.append(
+                Suggestion("all of: " + "; ".join(names), " ".join(flags), combo, e.peak_device_bytes, _fits(e, usable))
+            )
+    # a bigger single GPU (profiles only), smallest first
+    for name in sorted(gpu_names(), key=lambda n: resolve_gpu(n).memory_total_bytes):
+        g = resolve_gpu(name)
+        if g.memory_total_bytes > gpu.memory_total_bytes and _fits(current, usable_bytes(g)):
+            out.append(
+                Suggestion(f"a GPU with more memory: {name}", f"--gpu {name}", s, current.peak_device_bytes, True)
+            )
+            break
+    return out
+
+
+def plan(model: ModelSpec, s: Settings, gpu: GpuSpec) -> Plan:
+    e = estimate(model, s)
+    usable = usable_bytes(gpu)
+    ok = _fits(e, usable)
+    high_resident = e.device_high_bytes - e.paged_bytes
+    verdict = "does not fit" if not ok else ("fits" if high_resident <= usable else "tight")
+    notes = []
+    if gpu.count > 1:
+        notes.append(
+            f"planned per GPU: {gpu.count} GPUs would run data-parallel copies; sharding the model "
+            "across GPUs (FSDP / DeepSpeed ZeRO-3) is not modelled yet"
+        )
+    if gpu.generic:
+        notes.append(f"generic GPU: {gpu.name} total, minus the driver's idle use measured on an H100")
+    if not gpu.bf16_supported and s.compute_dtype == "bf16":
+        notes.append(f"{gpu.name} has no bf16: use --compute-dtype fp16 (same memory)")
+    if ok and e.peak_device_bytes > usable:
+        notes.append("fits only because paged optimizer states can spill to host memory (slower steps)")
+    if s.method == "qlora" and not s.upcast_non_quantized:
+        up = estimate(model, s.with_(upcast_non_quantized=True))
+        if ok and not _fits(up, usable):
+            notes.append(
+                "fits only without peft's fp32 upcast of embeddings/lm_head/norms: your trainer must not "
+                "call prepare_model_for_kbit_training (or must undo its cast)"
+            )
+    if s.seq > model.config.get("max_position_embeddings", s.seq):
+        notes.append(
+            f"seq {s.seq} exceeds the model's max_position_embeddings ({model.config['max_position_embeddings']})"
+        )
+    p = Plan(
+        estimate=e,
+        gpu=gpu,
+        usable_bytes=usable,
+        fits=ok,
+        verdict=verdict,
+        headroom_bytes=usable - e.resident_device_bytes,
+        max_batch=max_batch(model, s, usable),
+        max_seq=max_seq(model, s, usable),
+        notes=notes,
+    )
+    if not ok or verdict == "tight":
+        p.suggestions = suggestions(model, s, gpu, usable, e)
+    return p

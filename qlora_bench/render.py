@@ -1,0 +1,138 @@
+"""Terminal rendering with rich (tables right-justify numbers; the same data as --json)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .estimate import LABELS
+from .plan import Plan
+from .units import GiB
+
+console = Console()
+
+_STYLE = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
+
+
+def _g(n: int) -> str:
+    return f"{n / GiB:,.2f}"
+
+
+def _title(p: Plan) -> str:
+    e, s = p.estimate, p.estimate.settings
+    return f"{e.model.name} · {s.describe()} · on {p.gpu.label}"
+
+
+def plan(p: Plan) -> None:
+    e = p.estimate
+    console.print(f"[bold]{_title(p)}[/bold]")
+    style = _STYLE[p.verdict]
+    over = "headroom" if p.headroom_bytes >= 0 else "over by"
+    console.print(
+        f"[{style}]{p.verdict.upper()}[/{style}]: peak {_g(e.peak_device_bytes)} GiB on the device "
+        f"(band {_g(e.device_low_bytes)}-{_g(e.device_high_bytes)}) of {_g(p.usable_bytes)} GiB usable; "
+        f"{over} {_g(abs(p.headroom_bytes))} GiB"
+    )
+    t = Table(title=f"memory at the peak (phase: {e.peak_phase})", title_justify="left")
+    t.add_column("component")
+    t.add_column("GiB", justify="right")
+    t.add_column("share", justify="right")
+    for k, v in e.components.items():
+        t.add_row(LABELS.get(k, k), _g(v), f"{v / e.peak_device_bytes:.0%}")
+    t.add_section()
+    t.add_row("torch peak allocated", _g(e.peak_allocated_bytes), "")
+    t.add_row("torch peak reserved", _g(e.peak_reserved_bytes), "")
+    t.add_row("[bold]device peak (nvidia-smi)[/bold]", f"[bold]{_g(e.peak_device_bytes)}[/bold]", "100%")
+    console.print(t)
+    s = e.settings
+    console.print(
+        f"params {e.total_params / 1e9:.2f} B, trainable {e.trainable_params / 1e6:,.1f} M · "
+        f"largest micro-batch at seq {s.seq}: [bold]{p.max_batch}[/bold] · "
+        f"longest sequence at batch {s.batch}: [bold]{p.max_seq:,}[/bold]"
+    )
+    if p.suggestions:
+        st = Table(title="changes that would fit", title_justify="left")
+        st.add_column("change")
+        st.add_column("flags")
+        st.add_column("device GiB", justify="right")
+        st.add_column("fits")
+        for x in p.suggestions:
+            mark = "[green]yes[/green]" if x.fits else "[red]no[/red]"
+            st.add_row(
+                x.change + (" [bold](decides the verdict)[/bold]" if x.decides_verdict else ""),
+                x.flags,
+                _g(x.peak_device_bytes),
+                mark,
+            )
+        console.print(st)
+    for n in e.notes + p.notes:
+        console.print(f"[dim]note:[/dim] {n}")
+    if not e.overheads.calibrated:
+        console.print("[yellow]note: overheads are uncalibrated literature defaults[/yellow]")
+
+
+def plans_side_by_side(plans: list[Plan]) -> None:
+    first = plans[0]
+    console.print(
+        f"[bold]{first.estimate.model.name} on {first.gpu.label}[/bold] "
+        f"({_g(first.usable_bytes)} GiB usable) · batch {first.estimate.settings.batch} x seq "
+        f"{first.estimate.settings.seq}"
+    )
+    t = Table()
+    t.add_column("GiB")
+    for p in plans:
+        t.add_column(p.estimate.settings.method, justify="right")
+    keys = []
+    for p in plans:
+        keys += [k for k in p.estimate.components if k not in keys]
+    for k in keys:
+        t.add_row(LABELS.get(k, k), *(_g(p.estimate.components.get(k, 0)) for p in plans))
+    t.add_section()
+    t.add_row("optimizer", *(p.estimate.settings.optimizer for p in plans))
+    t.add_row("peak phase", *(p.estimate.peak_phase for p in plans))
+    t.add_row("torch peak allocated", *(_g(p.estimate.peak_allocated_bytes) for p in plans))
+    t.add_row("[bold]device peak[/bold]", *(f"[bold]{_g(p.estimate.peak_device_bytes)}[/bold]" for p in plans))
+    t.add_row("headroom", *(_g(p.headroom_bytes) for p in plans))
+    t.add_row("verdict", *(f"[{_STYLE[p.verdict]}]{p.verdict}[/{_STYLE[p.verdict]}]" for p in plans))
+    t.add_row("largest micro-batch", *(str(p.max_batch) for p in plans))
+    t.add_row("longest sequence", *(f"{p.max_seq:,}" for p in plans))
+    console.print(t)
+    notes = []
+    for p in plans:
+        notes += [n for n in p.estimate.notes + p.notes if n not in notes]
+    for n in notes:
+        console.print(f"[dim]note:[/dim] {n}")
+
+
+def profiles() -> None:
+    from .profiles import _gpu_profiles, _model_profiles, load_model_profile, resolve_gpu
+
+    t = Table(title="models", title_justify="left")
+    for c in ("name", "aliases", "params", "layers", "hidden", "vocab", "source"):
+        t.add_column(c, justify="right" if c in ("params", "layers", "hidden", "vocab") else "left")
+    for name, data in _model_profiles().items():
+        m = load_model_profile(name)
+        t.add_row(
+            name,
+            ", ".join(data.get("aliases", [])),
+            f"{m.total_params / 1e9:.2f} B",
+            str(m.num_layers),
+            str(m.hidden_size),
+            f"{m.vocab_size:,}",
+            data.get("hf_id") or "",
+        )
+    console.print(t)
+    g = Table(title="GPUs (also: 24gb, 48GiB, 2x24gb)", title_justify="left")
+    for c in ("name", "aliases", "memory GiB", "bf16", "dense TFLOP/s", "GB/s"):
+        g.add_column(c, justify="right" if c not in ("name", "aliases") else "left")
+    for name, data in _gpu_profiles().items():
+        spec = resolve_gpu(name)
+        g.add_row(
+            name,
+            ", ".join(data.get("aliases", [])),
+            _g(spec.memory_total_bytes),
+            "yes" if spec.bf16_supported else "no",
+            f"{spec.dense_tflops:g}",
+            f"{spec.memory_bandwidth_GBps:g}",
+        )
+    console.print(g)
