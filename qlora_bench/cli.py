@@ -109,7 +109,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     model = resolve_model(a.model)
     gpu = resolve_gpu(a.gpu)
-    methods = list(METHODS) if a.method == "all" else [a.method]
+    methods = ["full", "lora", "qlora"] if a.method == "all" else [a.method]
     plans = [plan(model, settings_from_args(a, m), gpu) for m in methods]
     if a.json:
         out = [p.to_dict() for p in plans]

@@ -160,6 +160,8 @@ def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, curren
         except InputError:
             continue
         ok = _fits(e, usable)
+        if e.resident_device_bytes >= current.resident_device_bytes:
+            continue  # saves nothing here
         out.append(
             Suggestion(change, flags, new, e.peak_device_bytes, ok, decides_verdict=ok != _fits(current, usable))
         )

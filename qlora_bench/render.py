@@ -28,9 +28,15 @@ def plan(p: Plan) -> None:
     console.print(f"[bold]{_title(p)}[/bold]")
     style = _STYLE[p.verdict]
     over = "headroom" if p.headroom_bytes >= 0 else "over by"
+    paged = (
+        f", of which {_g(e.paged_bytes)} GiB are paged optimizer states that can spill to host memory"
+        if e.paged_bytes
+        else ""
+    )
     console.print(
         f"[{style}]{p.verdict.upper()}[/{style}]: peak {_g(e.peak_device_bytes)} GiB on the device "
-        f"(band {_g(e.device_low_bytes)}-{_g(e.device_high_bytes)}) of {_g(p.usable_bytes)} GiB usable; "
+        f"(band {_g(e.device_low_bytes)}-{_g(e.device_high_bytes)}){paged}; "
+        f"{_g(e.resident_device_bytes)} GiB must stay resident of {_g(p.usable_bytes)} GiB usable: "
         f"{over} {_g(abs(p.headroom_bytes))} GiB"
     )
     t = Table(title=f"memory at the peak (phase: {e.peak_phase})", title_justify="left")
@@ -51,7 +57,8 @@ def plan(p: Plan) -> None:
         f"longest sequence at batch {s.batch}: [bold]{p.max_seq:,}[/bold]"
     )
     if p.suggestions:
-        st = Table(title="changes that would fit", title_justify="left")
+        title = "changes that would fit" if not p.fits else "changes that add headroom"
+        st = Table(title=title, title_justify="left")
         st.add_column("change")
         st.add_column("flags")
         st.add_column("device GiB", justify="right")
@@ -108,8 +115,11 @@ def profiles() -> None:
     from .profiles import _gpu_profiles, _model_profiles, load_model_profile, resolve_gpu
 
     t = Table(title="models", title_justify="left")
-    for c in ("name", "aliases", "params", "layers", "hidden", "vocab", "source"):
-        t.add_column(c, justify="right" if c in ("params", "layers", "hidden", "vocab") else "left")
+    t.add_column("name", no_wrap=True)
+    t.add_column("aliases")
+    for c in ("params", "layers", "hidden", "vocab"):
+        t.add_column(c, justify="right", no_wrap=True)
+    t.add_column("hub id", overflow="fold")
     for name, data in _model_profiles().items():
         m = load_model_profile(name)
         t.add_row(
@@ -123,8 +133,10 @@ def profiles() -> None:
         )
     console.print(t)
     g = Table(title="GPUs (also: 24gb, 48GiB, 2x24gb)", title_justify="left")
-    for c in ("name", "aliases", "memory GiB", "bf16", "dense TFLOP/s", "GB/s"):
-        g.add_column(c, justify="right" if c not in ("name", "aliases") else "left")
+    g.add_column("name", no_wrap=True)
+    g.add_column("aliases")
+    for c in ("memory GiB", "bf16", "dense TFLOP/s", "GB/s"):
+        g.add_column(c, justify="right", no_wrap=True)
     for name, data in _gpu_profiles().items():
         spec = resolve_gpu(name)
         g.add_row(

@@ -118,9 +118,11 @@ def _notes(model: ModelSpec, s: Settings, w: WeightBytes) -> list[str]:
     notes = []
     if s.method == "qlora" and model.is_moe:
         notes.append(
-            "transformers 5.x stores MoE experts as fused parameters that bitsandbytes does not quantize and "
-            "all-linear LoRA does not target: they stay "
-            + ("fp32 after prepare_model_for_kbit_training" if s.upcast_non_quantized else "16-bit")
+            "transformers 5.x stores MoE experts as fused parameters that bitsandbytes does not quantize: they "
+            "stay "
+            + ("16-bit and prepare_model_for_kbit_training casts them to fp32" if s.upcast_non_quantized else "16-bit")
+            + f" ({sum(m.weight_params for m in model.layer_modules() if not m.is_linear) * model.num_layers / 1e9:.1f}"
+            " B parameters)"
         )
     if model.model_type == "gemma2" and s.attn == "sdpa":
         notes.append("Gemma-2: sdpa drops attention logit softcapping (transformers 5.23 refuses it); eager is exact")
@@ -191,20 +193,31 @@ def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) 
         },
         "optimizer step": {**steady, "gradients": grads, "optimizer_step_temp": opt.step_transient},
     }
-    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
-    allocated = sum(phases[peak_phase].values())
-    dynamic = allocated - sum(phases[peak_phase].get(k, 0) for k in PERSISTENT)
-    reserved = allocated + round(dynamic * ov.reserve_fraction)
+
+    def alloc_of(p: str) -> int:
+        return sum(phases[p].values())
+
+    def dynamic_of(p: str) -> int:
+        return alloc_of(p) - sum(phases[p].get(k, 0) for k in PERSISTENT)
+
+    def reserved_of(p: str, fraction: float, err: float = 0.0) -> int:
+        return round(alloc_of(p) * (1 + err) + dynamic_of(p) * fraction)
+
+    # torch's max_memory_allocated and max_memory_reserved are separate maxima over the step
+    allocated = max(alloc_of(p) for p in phases)
+    peak_phase = max(phases, key=lambda p: reserved_of(p, ov.reserve_fraction))
+    reserved = reserved_of(peak_phase, ov.reserve_fraction)
+    dynamic = dynamic_of(peak_phase)
     uses_bnb = s.method == "qlora" or s.optimizer_kind in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
     context = ov.cuda_context + (ov.bnb_runtime if uses_bnb else 0)
     device = reserved + context + opt.paged
 
     err = ov.allocated_rel_error
-    low = round(allocated * (1 - err) + dynamic * ov.reserve_fraction_low) + context + opt.paged
-    high = round(allocated * (1 + err) + dynamic * ov.reserve_fraction_high) + context + opt.paged
+    low = max(reserved_of(p, ov.reserve_fraction_low, -err) for p in phases) + context + opt.paged
+    high = max(reserved_of(p, ov.reserve_fraction_high, err) for p in phases) + context + opt.paged
 
     components = {k: v for k, v in phases[peak_phase].items() if v}
-    components["allocator_reserve"] = reserved - allocated
+    components["allocator_reserve"] = reserved - alloc_of(peak_phase)
     components["cuda_context"] = context
     if opt.paged:
         components["paged_optimizer"] = opt.paged

@@ -1,0 +1,76 @@
+"""The estimator against the committed H100 measurements (results/), and the calibration's reproducibility.
+
+Tolerances are what the model honestly reaches today (issue 4 tightens them to 5% median / 10% worst on the
+device peak): the allocated peak within 2% everywhere; the device peak within 3% for LoRA/QLoRA; full
+fine-tuning's allocator slack is the least understood term (within 16%), and every measured device peak must
+lie inside the estimate's band.
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from qlora_bench.calibration import fit
+from qlora_bench.estimate import estimate
+from qlora_bench.estimate.overhead import CALIBRATION_FILE
+from qlora_bench.profiles import resolve_model
+from qlora_bench.results import RESULTS_DIR, import_shared, load_records
+
+RECORDS = [r for r in load_records() if r.ok]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "measurements"
+
+
+def test_there_are_committed_records():
+    assert len(RECORDS) >= 10
+    assert {r.settings.method for r in RECORDS} == {"full", "lora", "qlora"}
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=lambda r: r.id)
+def test_estimate_vs_measured(rec):
+    e = estimate(resolve_model(rec.model), rec.settings)
+    m = rec.measured
+    err_alloc = e.peak_allocated_bytes / m["peak_allocated_bytes"] - 1
+    err_dev = e.peak_device_bytes / m["peak_device_bytes"] - 1
+    print(f"{rec.id}: allocated {err_alloc:+.2%}, device {err_dev:+.2%}")
+    assert abs(err_alloc) <= 0.02
+    assert abs(err_dev) <= (0.16 if rec.settings.method == "full" else 0.03)
+    assert e.device_low_bytes <= m["peak_device_bytes"] <= e.device_high_bytes
+
+
+def test_median_device_error():
+    errs = [abs(estimate(resolve_model(r.model), r.settings).peak_device_bytes / r.measured["peak_device_bytes"] - 1)
+            for r in RECORDS]
+    print(f"device peak error: median {statistics.median(errs):.2%}, worst {max(errs):.2%}")
+    assert statistics.median(errs) <= 0.02
+
+
+def test_record_architecture_matches_profile():
+    for r in RECORDS:
+        spec = resolve_model(r.model)
+        arch = r.data["architecture"]
+        assert (spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.num_kv_heads, spec.vocab_size,
+                spec.tie_word_embeddings) == (arch["hidden_size"], arch["intermediate_size"],
+                                              arch["num_hidden_layers"], arch["num_key_value_heads"],
+                                              arch["vocab_size"], arch["tie_word_embeddings"])
+        assert r.measured["base_model_params"] == spec.total_params
+
+
+def test_committed_calibration_is_a_fresh_fit():
+    committed = json.loads(CALIBRATION_FILE.read_text())
+    assert fit(load_records(RESULTS_DIR)) == committed
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/measurements not beside this checkout")
+def test_import_is_reproducible(tmp_path):
+    out = tmp_path / "imported.jsonl"
+    import_shared(SHARED, out)
+    assert out.read_text() == (RESULTS_DIR / "h100" / "hf-stack-shared.jsonl").read_text()
+
+
+def test_truncated_last_line_is_tolerated(tmp_path):
+    src = (RESULTS_DIR / "h100" / "hf-stack-shared.jsonl").read_text()
+    f = tmp_path / "r.jsonl"
+    f.write_text(src + src.splitlines()[0][:100])
+    assert len(load_records(f)) == len(src.splitlines())
