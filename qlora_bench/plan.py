@@ -152,6 +152,33 @@ def _candidate_changes(model: ModelSpec, s: Settings, usable: int) -> list[tuple
     return c
 
 
+SHARDABLE = (
+    "weights_4bit",
+    "quant_constants",
+    "weights_dense",
+    "lora_adapters",
+    "optimizer_states",
+    "gradients",
+    "paged_optimizer",
+)
+
+
+def sharded_device_bytes(e: Estimate, n: int) -> int:
+    """First-order ZeRO-3 / FSDP full-shard estimate: parameters, gradients and optimizer states divide by the
+    number of GPUs; activations, workspaces and the CUDA context do not (gathering a layer's parameters and
+    communication buffers are ignored)."""
+    shardable = sum(e.components.get(k, 0) for k in SHARDABLE)
+    return e.peak_device_bytes - shardable + -(-shardable // n)
+
+
+def gpus_if_sharded(e: Estimate, usable: int, most: int = 8) -> int:
+    """Smallest GPU count (2..most) whose per-GPU share fits; 0 if none."""
+    for n in range(2, most + 1):
+        if sharded_device_bytes(e, n) - e.paged_bytes // n <= usable:
+            return n
+    return 0
+
+
 def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, current: Estimate) -> list[Suggestion]:
     out = []
     for change, flags, new in _candidate_changes(model, s, usable):
@@ -163,7 +190,15 @@ def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, curren
         if e.resident_device_bytes >= current.resident_device_bytes:
             continue  # saves nothing here
         out.append(
-            Suggestion(change, flags, new, e.peak_device_bytes, ok, decides_verdict=ok != _fits(current, usable))
+            # peft's fp32 upcast is the setting users rarely know they chose: flag it when it flips the verdict
+            Suggestion(
+                change,
+                flags,
+                new,
+                e.peak_device_bytes,
+                ok,
+                decides_verdict=flags == "--no-upcast-non-quantized" and ok != _fits(current, usable),
+            )
         )
     if not any(x.fits for x in out):
         # no single change is enough: stack the memory savers that keep the training recipe
@@ -179,6 +214,18 @@ def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, curren
             out.append(
                 Suggestion("all of: " + "; ".join(names), " ".join(flags), combo, e.peak_device_bytes, _fits(e, usable))
             )
+    n = gpus_if_sharded(current, usable)
+    if n and not _fits(current, usable):
+        out.append(
+            Suggestion(
+                f"{n} GPUs with FSDP / ZeRO-3 (approximate: weights, gradients and optimizer states "
+                f"split {n} ways; sharding is not modelled in detail)",
+                "(launch with FSDP full-shard)",
+                s,
+                sharded_device_bytes(current, n),
+                True,
+            )
+        )
     # a bigger single GPU (profiles only), smallest first
     for name in sorted(gpu_names(), key=lambda n: resolve_gpu(n).memory_total_bytes):
         g = resolve_gpu(name)

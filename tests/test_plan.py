@@ -1,0 +1,47 @@
+"""plan: suggestions are concrete, each with its resulting peak, and they are true when re-planned."""
+
+from qlora_bench.plan import plan, usable_bytes
+from qlora_bench.profiles import resolve_gpu, resolve_model
+from qlora_bench.settings import Settings
+
+
+def _by_flag(p):
+    return {s.flags: s for s in p.suggestions}
+
+
+def test_70b_on_48gb_suggests_no_upcast_which_decides_the_verdict():
+    p = plan(resolve_model("70b"), Settings(), resolve_gpu("48gb"))
+    assert not p.fits and p.max_batch == 0
+    s = _by_flag(p)["--no-upcast-non-quantized"]
+    assert s.fits and s.decides_verdict
+    again = plan(resolve_model("70b"), s.settings, resolve_gpu("48gb"))
+    assert again.fits and again.estimate.peak_device_bytes == s.peak_device_bytes
+    assert any("without peft's fp32 upcast" in n for n in again.notes)
+
+
+def test_suggestions_for_8b_full_on_24gb():
+    p = plan(resolve_model("8b"), Settings(method="full", optimizer="adamw_torch_fused", batch=4),
+             resolve_gpu("24gb"))
+    flags = _by_flag(p)
+    assert flags["--method qlora"].fits and flags["--method lora"].fits
+    assert any("FSDP" in s.change and s.fits for s in p.suggestions)
+    assert any(s.change.startswith("a GPU with more memory") for s in p.suggestions)
+    for s in p.suggestions:  # every listed change saves memory
+        assert s.peak_device_bytes <= p.estimate.peak_device_bytes
+
+
+def test_micro_batch_with_accumulation_keeps_the_effective_batch():
+    m, g = resolve_model("8b"), resolve_gpu("rtx-4090")
+    p = plan(m, Settings(batch=16), g)
+    s = next(x for x in p.suggestions if x.flags.startswith("--batch"))
+    assert s.fits and s.settings.batch * s.settings.grad_accum >= 16 and s.settings.batch == p.max_batch
+
+
+def test_max_batch_and_seq_are_the_boundary():
+    m, g = resolve_model("8b"), resolve_gpu("rtx-4090")
+    p = plan(m, Settings(), g)
+    u = usable_bytes(g)
+    edge_b = plan(m, Settings(batch=p.max_batch + 1), g)
+    edge_s = plan(m, Settings(seq=p.max_seq + 1), g)
+    assert p.fits and not edge_b.fits and not edge_s.fits
+    assert edge_s.estimate.resident_device_bytes > u
