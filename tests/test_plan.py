@@ -20,7 +20,7 @@ def test_70b_on_48gb_suggests_no_upcast_which_decides_the_verdict():
 
 
 def test_suggestions_for_8b_full_on_24gb():
-    p = plan(resolve_model("8b"), Settings(method="full", optimizer="adamw_torch_fused", batch=4),
+    p = plan(resolve_model("8b"), Settings(method="full", optimizer="adamw_torch_fused"),
              resolve_gpu("24gb"))
     flags = _by_flag(p)
     assert flags["--method qlora"].fits and flags["--method lora"].fits
