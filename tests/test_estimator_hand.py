@@ -109,9 +109,9 @@ def test_no_gradient_checkpointing_keeps_every_layer(llama8b):
     on = estimate(llama8b, Settings())
     off = estimate(llama8b, Settings(gradient_checkpointing=False))
     assert off.peak_allocated_bytes > on.peak_allocated_bytes
-    # QLoRA layer, per token: norms 2x4h, attention bf16 q,k,v + out + lse, mlp 3 fp32 intermediates,
+    # QLoRA layer, per token: norms 2x(4h + 4 B rsqrt), attention bf16 q,k,v + out + lse, mlp 3 fp32 intermediates,
     # LoRA: mask + bf16 copy of each adapted input (+ bf16 lora_B input)
-    per_token = 2 * 4 * H + (2 * (H + 2 * KV) + 2 * H + 4 * 32) + 3 * I * 4
+    per_token = 2 * (4 * H + 4) + (2 * (H + 2 * KV) + 2 * H + 4 * 32) + 3 * I * 4
     per_token += 3 * (3 * H + 32) + (3 * H + 32) + 2 * (3 * H + 32) + (3 * I + 32)
     assert off.phases["loss"]["activations"] == L * 2048 * per_token
 

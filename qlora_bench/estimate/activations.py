@@ -28,7 +28,10 @@ from .adapters import target_modules
 from .dtypes import nbytes
 
 LSE_BYTES = 4  # flash / memory-efficient attention keep one fp32 log-sum-exp per head and token
-DROPOUT_MASK_BYTES = 1  # torch native_dropout saves a bool mask
+# CUDA dropout is the fused native_dropout kernel, which saves a bool mask (1 B per element); the CPU fallback
+# (_dropout_impl) multiplies by a noise tensor of the input's dtype instead. The estimator models the GPU.
+DROPOUT_MASK_BYTES = 1
+RSQRT_BYTES = 4  # RMSNorm's rsqrt(variance + eps): one fp32 per token
 
 
 def compute_bytes(s: Settings) -> int:
@@ -55,12 +58,18 @@ def layer_saved_per_token(model: ModelSpec, s: Settings) -> dict[str, int]:
     k = model.experts_per_token
     full = s.method == "full"
     terms: dict[str, int] = {}
-    # RMSNorm: fp32 copy of the input (the input itself when it is fp32) + normalized 16-bit x if weight trains
-    terms["norms"] = model.norms_per_layer * (4 * h + (c * h if full else 0))
-    if full:  # inputs of the trainable linears: q/k/v share one, o, gate/up share one (routed k times), down
-        terms["linear inputs"] = c * (h + q + k * h + k * i)
-    if s.attn == "eager":
-        terms["attention"] = c * (3 * q) + c * q + (4 + c) * a * s.seq
+    # RMSNorm: fp32 copy of the input (the input itself when it is fp32), the fp32 rsqrt per token, and the
+    # normalized 16-bit x when the norm weight trains
+    terms["norms"] = model.norms_per_layer * (4 * h + RSQRT_BYTES + (c * h if full else 0))
+    if full:  # inputs of the trainable linears: q/k/v share one, o, gate/up share one (routed k times), down.
+        # sdpa/flash allocate their output like the query (empty_like), and the query after rotary embedding is in
+        # [b, s, heads, d] memory order, so o_proj's input (`transpose(1, 2).contiguous()`) is the attention output
+        # itself, counted below. Eager attention's output is [b, heads, s, d] (a real copy), and so is Phi-3's
+        # query, whose rotary embedding concatenates rotated and pass-through halves (torch.cat).
+        o_input = c * q if (s.attn == "eager" or model.model_type == "phi3") else 0
+        terms["linear inputs"] = c * (h + k * h + k * i) + o_input
+    if s.attn == "eager":  # q, and k and v repeated to all heads; the fp32 softmax and its 16-bit copy
+        terms["attention"] = c * (3 * q) + (4 + c) * a * s.seq
     else:
         terms["attention"] = c * (q + 2 * kv) + c * q + LSE_BYTES * a
     # gate output (kept by the activation), activation output and up output (kept by their product);
