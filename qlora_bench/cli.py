@@ -37,6 +37,10 @@ def add_settings_args(p: argparse.ArgumentParser, methods=(*METHODS, "all")) -> 
     """The settings vocabulary shared by plan (and later run / sweep)."""
     d = Settings()
     g = p.add_argument_group("training settings")
+
+    def on_off(flag: str, default: bool, help: str) -> None:  # --x / --no-x
+        g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+
     g.add_argument("--method", choices=methods, default=d.method, help="fine-tuning method (default qlora)")
     g.add_argument("--batch", type=_positive_int, default=d.batch, help="micro-batch size (default 1)")
     g.add_argument("--seq", type=_positive_int, default=d.seq, help="tokens per sequence (default 2048)")
@@ -50,12 +54,7 @@ def add_settings_args(p: argparse.ArgumentParser, methods=(*METHODS, "all")) -> 
         help="LoRA target modules: all-linear (default), attn, mlp, or a comma list (q_proj,v_proj)",
     )
     g.add_argument("--quant", choices=QUANT_TYPES, default=d.quant, help="4-bit type for qlora (default nf4)")
-    g.add_argument(
-        "--double-quant",
-        action=argparse.BooleanOptionalAction,
-        default=d.double_quant,
-        help="quantize the quantization constants again (default on)",
-    )
+    on_off("--double-quant", d.double_quant, "quantize the quantization constants again (default on)")
     g.add_argument("--compute-dtype", choices=DTYPES, default=d.compute_dtype, help="compute dtype (default bf16)")
     g.add_argument(
         "--optimizer",
@@ -63,19 +62,12 @@ def add_settings_args(p: argparse.ArgumentParser, methods=(*METHODS, "all")) -> 
         default=None,
         help="TrainingArguments optim name (default paged_adamw_8bit for qlora, adamw_torch_fused for lora/full)",
     )
-    g.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=d.gradient_checkpointing,
-        help="recompute activations in backward (default on)",
-    )
+    on_off("--gradient-checkpointing", d.gradient_checkpointing, "recompute activations in backward (default on)")
     g.add_argument("--attn", choices=ATTN, default=d.attn, help="attention implementation (default sdpa)")
-    g.add_argument(
+    on_off(
         "--upcast-non-quantized",
-        action=argparse.BooleanOptionalAction,
-        default=d.upcast_non_quantized,
-        help="qlora: cast embeddings, lm_head and norms to fp32 as peft's prepare_model_for_kbit_training "
-        "does (default on)",
+        d.upcast_non_quantized,
+        "qlora: cast embeddings, lm_head and norms to fp32 as peft's prepare_model_for_kbit_training does (default on)",
     )
 
 
