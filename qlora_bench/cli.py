@@ -11,11 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import InputError
-from .settings import ATTN, DTYPES, METHODS, OPTIMIZERS, QUANT_TYPES, Settings
-
-# Optimizer when --optimizer is not given: the QLoRA recipe's paged 8-bit AdamW; for LoRA and full fine-tuning
-# the HF Trainer's default on current torch (adamw_torch_fused).
-DEFAULT_OPTIMIZER = {"qlora": "paged_adamw_8bit", "lora": "adamw_torch_fused", "full": "adamw_torch_fused"}
+from .settings import ATTN, DEFAULT_OPTIMIZER, DTYPES, METHODS, OPTIMIZERS, QUANT_TYPES, Settings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,6 +158,168 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _need_train_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(
+            f"this command needs {', '.join(missing)}: pip install 'qlora-bench[train]' "
+            "(install torch first for your platform)"
+        )
+
+
+def _run_options(a: argparse.Namespace):
+    from .run.train import RunOptions
+
+    return RunOptions(steps=a.steps, warmup=a.warmup, seed=a.seed, min_seconds=a.min_seconds)
+
+
+def gpu_slug() -> str:
+    """Folder name for results of the GPU in this machine ('h100', 'geforce-rtx-4090'), or 'cpu'."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        name = name.decode() if isinstance(name, bytes) else name
+    except Exception:
+        return "cpu"
+    words = name.lower().replace("nvidia", "").split()
+    return words[0] if words and words[0] in ("h100", "h200", "b200", "gh200") else "-".join(words)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    _need_train_extra()
+    from .profiles import resolve_model
+    from .results import append_record
+    from .run.config import RunConfig
+    from .run.train import run_config
+
+    spec = resolve_model(a.model)
+    cfg = RunConfig(a.model, settings_from_args(a, a.method), _run_options(a))
+    record = run_config(spec, cfg.settings, cfg.options, cfg.id)
+    record["key"] = cfg.key
+    out = Path(a.out) if a.out else Path("results") / gpu_slug() / "runs.jsonl"
+    append_record(out, record)
+    if a.json:
+        print(json.dumps(record, indent=2, sort_keys=True))
+    else:
+        from . import render
+
+        render.run_record(record, spec)
+        print(f"appended to {out}")
+    return 0 if record["outcome"] in ("ok", "oom") else 1
+
+
+def _parse_shard(text: str | None):
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {text!r}: use i/n, e.g. 1/4") from None
+    return i, n
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    _need_train_extra()
+    from .run import sweep as sw
+
+    if a.file:
+        sweep = sw.load_sweep(a.file)
+    else:
+        grid = {
+            k: v
+            for k, v in {
+                "model": a.model,
+                "method": a.method,
+                "batch": a.batch,
+                "seq": a.seq,
+                "rank": a.rank,
+                "optimizer": a.optimizer,
+                "gradient_checkpointing": a.gradient_checkpointing,
+                "double_quant": a.double_quant,
+                "attn": a.attn,
+            }.items()
+            if v
+        }
+        if "model" not in grid:
+            raise InputError("give a sweep file or at least --model (comma lists: --model 1b,8b --method lora,qlora)")
+        data = {
+            "name": a.name,
+            "grid": [grid],
+            "timeout_s": a.timeout or 1800,
+            "options": {"steps": a.steps, "warmup": a.warmup, "seed": a.seed, "min_seconds": a.min_seconds},
+        }
+        sweep = sw.from_mapping(data, "command line")
+    if a.timeout and a.file:
+        sweep.timeout_s = a.timeout
+    shard_spec = _parse_shard(a.shard)
+    out = Path(a.out) if a.out else Path("results") / gpu_slug() / f"{sweep.name}.jsonl"
+    if a.dry_run:
+        configs = sw.shard(sweep.configs, *shard_spec) if shard_spec else sweep.configs
+        for c in configs:
+            print(c.id)
+        print(f"{len(configs)} configurations -> {out}")
+        return 0
+    summary = sw.run_sweep(sweep, out, shard_spec, progress=not a.no_progress)
+    from . import render
+
+    render.sweep_summary(summary, out)
+    return 0
+
+
+def cmd_results(a: argparse.Namespace) -> int:
+    from .results import load_records, merge
+
+    if a.merge:
+        n = merge([Path(p) for p in a.paths], Path(a.merge))
+        print(f"merged {n} records into {a.merge}")
+        return 0
+    records = [r for p in a.paths for r in load_records(p, kind="train")]
+    if a.json:
+        print(json.dumps([r.data for r in records], indent=2, sort_keys=True))
+        return 0
+    from . import render
+
+    render.results_table(records)
+    return 0
+
+
+def _list(kind):
+    def parse(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if kind is bool:
+            table = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+            try:
+                return [table[x.lower()] for x in items]
+            except KeyError:
+                raise argparse.ArgumentTypeError(f"expected on/off values, got {text!r}") from None
+        try:
+            return [kind(x) for x in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from .run.train import RunOptions
+
+    d = RunOptions()
+    g = p.add_argument_group("run options")
+    g.add_argument("--steps", type=_positive_int, default=d.steps, help="timed optimizer steps, at least (default 5)")
+    g.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up steps (default 3)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument(
+        "--min-seconds",
+        type=float,
+        default=d.min_seconds,
+        help="keep timing until this many seconds have passed as well (default 0)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -187,6 +345,55 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_args(sp)
     sp.add_argument("--json", action="store_true", help="print JSON (a list for --method all)")
     sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser(
+        "run",
+        help="real training steps of one configuration: peak memory and tokens/s",
+        description="Train a random-weight model of a real architecture for a few steps and record "
+        "peak memory (torch, NVML) and throughput. Needs the train extra.",
+    )
+    sp.add_argument("--model", required=True, help="profile name or alias, a config.json file or folder, a hub id")
+    add_settings_args(sp, methods=METHODS)
+    _add_run_options(sp)
+    sp.add_argument("--out", help="results .jsonl to append to (default results/<gpu>/runs.jsonl)")
+    sp.add_argument("--json", action="store_true", help="print the record as JSON")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser(
+        "sweep",
+        help="run a grid of configurations, each in a fresh process (resumable)",
+        description="Run a sweep file (YAML) or a grid given as comma lists. Each configuration runs "
+        "in a fresh subprocess; results are appended as they finish; rerunning resumes.",
+    )
+    sp.add_argument("file", nargs="?", help="sweep YAML (see sweeps/)")
+    sp.add_argument("--model", type=_list(str), help="comma list of models")
+    sp.add_argument("--method", type=_list(str), help="comma list: qlora,lora,full")
+    sp.add_argument("--batch", type=_list(int))
+    sp.add_argument("--seq", type=_list(int))
+    sp.add_argument("--rank", type=_list(int))
+    sp.add_argument("--optimizer", type=_list(str))
+    sp.add_argument("--gradient-checkpointing", type=_list(bool), help="on,off")
+    sp.add_argument("--double-quant", type=_list(bool), help="on,off")
+    sp.add_argument("--attn", type=_list(str))
+    sp.add_argument("--name", default="cli-sweep", help="sweep name (output file name)")
+    _add_run_options(sp)
+    sp.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per configuration (default: the sweep file's timeout_s, else 1800)",
+    )
+    sp.add_argument("--shard", help="run every n-th configuration: i/n (1-based)")
+    sp.add_argument("--out", help="results .jsonl (default results/<gpu>/<sweep name>.jsonl)")
+    sp.add_argument("--dry-run", action="store_true", help="list the configurations and exit")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    sp.set_defaults(func=cmd_sweep)
+
+    sp = sub.add_parser("results", help="a table of measured results; --merge joins files (e.g. shards)")
+    sp.add_argument("paths", nargs="+", help="result .jsonl files or folders")
+    sp.add_argument("--merge", metavar="OUT", help="write the joined records to OUT instead of printing")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_results)
 
     sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
     sp.add_argument("--json", action="store_true")

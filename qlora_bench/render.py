@@ -148,3 +148,84 @@ def profiles() -> None:
             f"{spec.memory_bandwidth_GBps:g}",
         )
     console.print(g)
+
+
+def _gib_or_dash(n) -> str:
+    return "-" if n is None else _g(n)
+
+
+def run_record(rec: dict, spec) -> None:
+    """One measured configuration next to the estimator's prediction for it."""
+    from .estimate import estimate
+    from .settings import Settings
+
+    m = rec.get("measured") or {}
+    style = {"ok": "bold green", "oom": "bold red"}.get(rec["outcome"], "bold yellow")
+    console.print(
+        f"[bold]{rec['id']}[/bold]  [{style}]{rec['outcome']}[/{style}]"
+        + (f": {rec['error']}" if rec.get("error") else "")
+    )
+    env = rec.get("environment") or {}
+    console.print(
+        f"[dim]{env.get('gpu_name') or 'CPU'} · torch {env.get('versions', {}).get('torch')} · "
+        f"transformers {env.get('versions', {}).get('transformers')} · peft "
+        f"{env.get('versions', {}).get('peft')} · bitsandbytes {env.get('versions', {}).get('bitsandbytes')}"
+        "[/dim]"
+    )
+    e = estimate(spec, Settings.from_dict(rec["settings"]))
+    t = Table()
+    t.add_column("GiB")
+    t.add_column("measured", justify="right")
+    t.add_column("estimated", justify="right")
+    t.add_row("peak allocated (torch)", _gib_or_dash(m.get("peak_allocated_bytes")), _g(e.peak_allocated_bytes))
+    t.add_row("peak reserved (torch)", _gib_or_dash(m.get("peak_reserved_bytes")), _g(e.peak_reserved_bytes))
+    t.add_row("peak device (NVML)", _gib_or_dash(m.get("peak_device_bytes")), _g(e.peak_device_bytes))
+    t.add_row("paged optimizer states", _gib_or_dash(m.get("optimizer_state_paged_bytes")), _g(e.paged_bytes))
+    console.print(t)
+    if m.get("tokens_per_sec"):
+        console.print(
+            f"tokens/s {m['tokens_per_sec']:,.0f} (median of {m['timed_steps']} steps; "
+            f"{m['tokens_per_sec_min']:,.0f}-{m['tokens_per_sec_max']:,.0f}) · "
+            f"loss {m['losses'][0]:.3f} -> {m['losses'][-1]:.3f}"
+        )
+    for n in rec.get("notes") or []:
+        console.print(f"[dim]note:[/dim] {n}")
+
+
+def sweep_summary(summary, out) -> None:
+    t = Table(title=f"sweep results -> {out}", title_justify="left")
+    for c in ("configuration", "outcome", "peak alloc GiB", "device GiB", "tokens/s"):
+        t.add_column(c, justify="left" if c in ("configuration", "outcome") else "right")
+    for r in summary.records:
+        m = r.get("measured") or {}
+        tps = m.get("tokens_per_sec")
+        t.add_row(
+            r["id"],
+            r["outcome"],
+            _gib_or_dash(m.get("peak_allocated_bytes")),
+            _gib_or_dash(m.get("peak_device_bytes")),
+            f"{tps:,.0f}" if tps else "-",
+        )
+    console.print(t)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
+    console.print(f"ran {len(summary.records)} ({counts or 'nothing'}); {summary.skipped_done} already done (resumed)")
+
+
+def results_table(records) -> None:
+    t = Table(title=f"{len(records)} records", title_justify="left")
+    for c in ("id", "outcome", "gpu", "alloc GiB", "reserved GiB", "device GiB", "tokens/s"):
+        t.add_column(c, justify="left" if c in ("id", "outcome", "gpu") else "right")
+    for r in records:
+        m = r.data.get("measured") or {}
+        env = r.data.get("environment") or {}
+        tps = m.get("tokens_per_sec")
+        t.add_row(
+            r.data.get("id", "?"),
+            r.data.get("outcome", "?"),
+            env.get("gpu_name") or "cpu",
+            _gib_or_dash(m.get("peak_allocated_bytes")),
+            _gib_or_dash(m.get("peak_reserved_bytes")),
+            _gib_or_dash(m.get("peak_device_bytes")),
+            f"{tps:,.0f}" if tps else "-",
+        )
+    console.print(t)

@@ -56,34 +56,107 @@ def _jsonl_files(path: Path) -> list[Path]:
     raise InputError(f"{path}: no such results file or folder")
 
 
-def load_records(path: str | Path = RESULTS_DIR, kind: str | None = "train") -> list[Record]:
-    """All records under `path` (a .jsonl file or a folder searched recursively).
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of one .jsonl file. A truncated last line (a writer killed mid-line) is skipped; a
+    malformed line elsewhere is an error naming the file and line."""
+    lines = Path(path).read_text().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue  # torn final write
+            raise InputError(f"{path}:{n}: not valid JSON") from None
+    return out
 
-    A truncated last line (a sweep killed mid-write) is skipped; a malformed line elsewhere is an error
-    naming the file and line.
-    """
+
+def load_records(path: str | Path = RESULTS_DIR, kind: str | None = "train") -> list[Record]:
+    """All records under `path` (a .jsonl file or a folder searched recursively), checked for the schema."""
     out = []
     for f in _jsonl_files(Path(path)):
-        lines = f.read_text().splitlines()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines):
-                    continue  # torn final write
-                raise InputError(f"{f}:{n}: not valid JSON") from None
+        for n, data in enumerate(read_jsonl(f), 1):
             if data.get("schema") != SCHEMA_VERSION:
-                raise InputError(f"{f}:{n}: schema {data.get('schema')!r}, expected {SCHEMA_VERSION}")
+                raise InputError(f"{f}: record {n}: schema {data.get('schema')!r}, expected {SCHEMA_VERSION}")
             if kind is None or data.get("kind") == kind:
                 out.append(Record(data, f, n))
     return out
 
 
+def to_dataframe(records: list[Record]):
+    """One row per record with flattened settings, measured scalars and environment (needs pandas)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise InputError("tables of results need pandas: pip install 'qlora-bench[train]'") from None
+    rows = []
+    for r in records:
+        d = r.data
+        row = {
+            "id": d.get("id"),
+            "key": d.get("key"),
+            "model": d.get("model"),
+            "outcome": d.get("outcome"),
+            "error": d.get("error"),
+            "file": str(r.path),
+        }
+        row.update({f"settings.{k}": v for k, v in d.get("settings", {}).items()})
+        row.update(
+            {
+                f"measured.{k}": v
+                for k, v in (d.get("measured") or {}).items()
+                if v is None or isinstance(v, (int, float, str))
+            }
+        )
+        env = d.get("environment") or {}
+        row.update(
+            {
+                "gpu": env.get("gpu_name"),
+                "driver": env.get("driver"),
+                **{f"versions.{k}": v for k, v in (env.get("versions") or {}).items()},
+            }
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def merge(paths: list[Path], dest: Path) -> int:
+    """Join result files (e.g. the shards of one sweep): one record per configuration key (the last one seen
+    wins), in a stable order; records without a key are kept as they are."""
+    by_key: dict[str, dict] = {}
+    keyless = []
+    for p in paths:
+        for f in _jsonl_files(Path(p)):
+            for d in read_jsonl(f):
+                if d.get("key"):
+                    by_key[d["key"]] = d
+                else:
+                    keyless.append(d)
+    out = keyless + sorted(by_key.values(), key=lambda d: (d.get("sweep") or "", d.get("id") or ""))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in out))
+    return len(out)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """A writer killed mid-line leaves a last line without its newline: cut it, so the next record starts on a
+    line of its own (that configuration was not recorded and runs again)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
+
+
 def append_record(path: Path, data: dict) -> None:
     """Append one record durably: a killed process loses at most the record being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(path)
     with open(path, "a") as f:
         f.write(json.dumps(data, sort_keys=True) + "\n")
         f.flush()

@@ -31,6 +31,10 @@ OPTIMIZERS = {
 
 TARGET_PRESETS = ("all-linear", "attn", "mlp")
 
+# Optimizer when none is named: the QLoRA recipe's paged 8-bit AdamW; for LoRA and full fine-tuning the HF
+# Trainer's default on current torch (adamw_torch_fused).
+DEFAULT_OPTIMIZER = {"qlora": "paged_adamw_8bit", "lora": "adamw_torch_fused", "full": "adamw_torch_fused"}
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -1,0 +1,46 @@
+"""A run configuration (model + Settings + run options) and its stable identity, used to resume sweeps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..settings import Settings
+from .train import RunOptions
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str  # as the user gave it: profile name, config.json path or hub id
+    settings: Settings
+    options: RunOptions = field(default_factory=RunOptions)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "settings": self.settings.to_dict(), "options": asdict(self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(d["model"], Settings.from_dict(d["settings"]), RunOptions(**d.get("options", {})))
+
+    @property
+    def key(self) -> str:
+        """Hash of everything that defines the measurement (resume skips configurations with a known key)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha1(blob.encode(), usedforsecurity=False).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        s = self.settings
+        parts = [re.sub(r"[^\w.-]+", "_", self.model.rstrip("/").split("/")[-1]).lower(), s.method]
+        if s.uses_adapters:
+            parts.append(f"r{s.rank}")
+        if s.method == "qlora":
+            parts.append(f"{s.quant}-{'dq' if s.double_quant else 'nodq'}")
+        parts += [s.optimizer, f"bs{s.batch}x{s.seq}", "gc" if s.gradient_checkpointing else "nogc", s.attn]
+        return "/".join(parts)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}#{self.key}"

@@ -1,0 +1,244 @@
+"""Sweeps: a grid of configurations, each run in a fresh subprocess, appended to a JSONL file as it finishes.
+
+- Resumable: configurations whose key is already in the output file are skipped.
+- Crash-proof: an OOM or error is the worker's recorded outcome; a segfault, a CUDA error that kills the process
+  or a timeout is recorded by the sweep as `crash` / `timeout`. A killed sweep loses at most the configuration
+  in flight (records are flushed and fsynced one by one).
+- Cheap ordering: configurations that differ only in batch and sequence run smallest first, and after an OOM
+  the larger ones are recorded as `skipped_oom` instead of run.
+- `shard=(i, n)` runs every n-th configuration (1-based i), so n machines split one sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from ..results import SCHEMA_VERSION, append_record, read_jsonl
+from ..settings import DEFAULT_OPTIMIZER, Settings
+from .config import RunConfig
+from .train import RunOptions
+
+GRID_KEYS = {f for f in Settings.__dataclass_fields__} | {"model"}
+FINAL_OUTCOMES = ("ok", "oom", "error", "crash", "timeout", "skipped_oom")
+
+
+@dataclass
+class Sweep:
+    name: str
+    configs: list[RunConfig]
+    timeout_s: float = 1800.0
+    source: str = ""
+
+
+@dataclass
+class SweepSummary:
+    counts: dict[str, int] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+    skipped_done: int = 0
+
+
+def _as_list(v):
+    return v if isinstance(v, list) else [v]
+
+
+def expand(entry: dict, defaults: dict, options: RunOptions, where: str) -> list[RunConfig]:
+    unknown = sorted(set(entry) - GRID_KEYS)
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; grid keys: model and the settings fields")
+    if "model" not in entry and "model" not in defaults:
+        raise InputError(f"{where}: no 'model'")
+    merged = {**defaults, **entry}
+    keys = list(merged)
+    out = []
+    for values in itertools.product(*(_as_list(merged[k]) for k in keys)):
+        d = dict(zip(keys, values, strict=True))
+        model = str(d.pop("model"))
+        d.setdefault("optimizer", DEFAULT_OPTIMIZER.get(d.get("method", "qlora"), "paged_adamw_8bit"))
+        try:
+            s = Settings.from_dict(d)
+        except (InputError, TypeError) as e:
+            raise InputError(f"{where}: {e}") from None
+        out.append(RunConfig(model, s, options))
+    return out
+
+
+def from_mapping(data: dict, where: str) -> Sweep:
+    if not isinstance(data, dict) or "grid" not in data:
+        raise InputError(f"{where}: expected a mapping with 'grid' (a list of grid entries)")
+    try:
+        options = RunOptions(**(data.get("options") or {}))
+    except TypeError as e:
+        raise InputError(f"{where}: options: {e}") from None
+    defaults = data.get("defaults") or {}
+    configs = []
+    for i, entry in enumerate(_as_list(data["grid"])):
+        configs += expand(entry, defaults, options, f"{where}: grid[{i}]")
+    seen, unique = set(), []
+    for c in configs:
+        if c.key not in seen:
+            seen.add(c.key)
+            unique.append(c)
+    name = data.get("name") or Path(where).stem
+    return Sweep(name=name, configs=order(unique), timeout_s=float(data.get("timeout_s", 1800)), source=where)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such sweep file")
+    try:
+        import yaml
+    except ImportError:
+        raise InputError("sweep files need PyYAML: pip install 'qlora-bench[train]'") from None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return from_mapping(data, str(path))
+
+
+def _group(c: RunConfig) -> str:
+    d = c.to_dict()
+    d["settings"] = {k: v for k, v in d["settings"].items() if k not in ("batch", "seq")}
+    return json.dumps(d, sort_keys=True)
+
+
+def order(configs: list[RunConfig]) -> list[RunConfig]:
+    """Groups (equal but for batch and seq) in first-seen order, each smallest batch, then seq, first."""
+    first = {}
+    for i, c in enumerate(configs):
+        first.setdefault(_group(c), i)
+    return sorted(configs, key=lambda c: (first[_group(c)], c.settings.batch, c.settings.seq))
+
+
+def shard(configs: list[RunConfig], i: int, n: int) -> list[RunConfig]:
+    if not (n >= 1 and 1 <= i <= n):
+        raise InputError(f"shard {i}/{n}: use i/n with 1 <= i <= n")
+    return configs[i - 1 :: n]
+
+
+def _bigger_than_an_oom(c: RunConfig, ooms: dict[str, list[tuple[int, int, str]]]) -> str | None:
+    for b, s, oom_id in ooms.get(_group(c), []):
+        if c.settings.batch >= b and c.settings.seq >= s:
+            return oom_id
+    return None
+
+
+def _base_record(c: RunConfig, outcome: str, error: str | None) -> dict:
+    from .probes import git_commit, versions
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "kind": "train",
+        "id": c.id,
+        "key": c.key,
+        "model": c.model,
+        "settings": c.settings.to_dict(),
+        "run": asdict(c.options),
+        "outcome": outcome,
+        "error": error,
+        "measured": {},
+        "environment": {"versions": versions(), "git_commit": git_commit()},
+    }
+
+
+def run_one(c: RunConfig, timeout_s: float, workdir: Path) -> dict:
+    """One configuration in a fresh `python -m qlora_bench.run.worker` process."""
+    cfg_path, out_path = workdir / f"{c.key}.json", workdir / f"{c.key}.record.json"
+    cfg_path.write_text(json.dumps(c.to_dict()))
+    out_path.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qlora_bench.run.worker", str(cfg_path), str(out_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return _base_record(c, "timeout", f"no result within {timeout_s:g} s")
+    if out_path.is_file():
+        return json.loads(out_path.read_text())
+    rc = proc.returncode
+    why = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+    tail = " | ".join((err or "").strip().splitlines()[-3:])[-500:]
+    return _base_record(c, "crash", f"worker {why}: {tail}" if tail else f"worker {why}")
+
+
+def run_sweep(
+    sweep: Sweep, out: Path, shard_spec: tuple[int, int] | None = None, progress: bool = True, on_record=None
+) -> SweepSummary:
+    configs = shard(sweep.configs, *shard_spec) if shard_spec else sweep.configs
+    done = {}
+    if out.is_file():
+        for r in read_jsonl(out):
+            if r.get("key") and r.get("outcome") in FINAL_OUTCOMES:
+                done[r["key"]] = r
+    ooms: dict[str, list[tuple[int, int, str]]] = {}
+    by_key = {c.key: c for c in sweep.configs}
+    for r in done.values():
+        if r["outcome"] == "oom" and r["key"] in by_key:
+            c = by_key[r["key"]]
+            ooms.setdefault(_group(c), []).append((c.settings.batch, c.settings.seq, c.id))
+    todo = [c for c in configs if c.key not in done]
+    summary = SweepSummary(skipped_done=len(configs) - len(todo))
+
+    from contextlib import nullcontext
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = (
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        if progress
+        else nullcontext()
+    )
+    with bar, tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
+        task = bar.add_task(sweep.name, total=len(todo)) if progress else None
+        for c in todo:
+            if progress:
+                bar.update(task, description=f"{sweep.name}: {c.name}")
+            oom_id = _bigger_than_an_oom(c, ooms)
+            if oom_id:
+                rec = _base_record(c, "skipped_oom", f"not run: {oom_id} ran out of memory at a smaller batch/seq")
+            else:
+                t0 = time.time()
+                rec = run_one(c, sweep.timeout_s, Path(tmp))
+                rec.setdefault("run", {})["wall_seconds"] = round(time.time() - t0, 2)
+            rec["sweep"] = sweep.name
+            append_record(out, rec)
+            if rec["outcome"] == "oom":
+                ooms.setdefault(_group(c), []).append((c.settings.batch, c.settings.seq, c.id))
+            summary.counts[rec["outcome"]] = summary.counts.get(rec["outcome"], 0) + 1
+            summary.records.append(rec)
+            if on_record:
+                on_record(rec)
+            if progress:
+                bar.advance(task)
+    return summary

@@ -1,0 +1,207 @@
+"""One configuration, measured: build, wrap, warm up, time steps, record memory and throughput.
+
+The loop is the one the HF Trainer runs per optimizer step: forward under autocast keeping only `.loss` (the
+logits are freed before backward), backward, optimizer step, `zero_grad(set_to_none=True)`. Memory peaks are
+reset after load, so `peak_*` cover training only; NVML is sampled in a thread. Timing is honest about noise:
+every step time is kept, the timed phase lasts at least `steps` steps and `min_seconds`, and tokens/s is the
+median with its spread (small steps on an H100 were seen to vary by up to 30% between repeats).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+import traceback
+from dataclasses import dataclass
+
+from ..profiles import ModelSpec
+from ..results import SCHEMA_VERSION
+from ..settings import Settings
+from . import probes
+from .materialize import build_model, build_optimizer, prepare, torch_dtype
+
+LOOP = (
+    "autocast(compute dtype): loss = model(input_ids=x, labels=x).loss; loss.backward() per micro-batch; "
+    "optimizer.step(); optimizer.zero_grad(set_to_none=True)"
+)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    steps: int = 5  # timed optimizer steps, at least
+    warmup: int = 3
+    seed: int = 0
+    min_seconds: float = 0.0  # keep timing until this much time has passed too
+    max_steps: int = 200  # cap for the min_seconds rule
+
+
+def _param_bytes_by_dtype(model) -> dict:
+    out: dict[str, int] = {}
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = str(p.dtype).replace("torch.", "")
+        out[key] = out.get(key, 0) + p.numel() * p.element_size()
+    return dict(sorted(out.items()))
+
+
+def _optimizer_state_bytes(opt) -> tuple[int, int]:
+    """Bytes of optimizer state tensors (shared qmaps once), and the part allocated as paged managed memory."""
+    import torch
+
+    total = paged = 0
+    seen = set()
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.untyped_storage().data_ptr() not in seen:
+                seen.add(v.untyped_storage().data_ptr())
+                n = v.numel() * v.element_size()
+                total += n
+                if getattr(v, "is_paged", False):
+                    paged += n
+    return total, paged
+
+
+def _inject_fault(config_id: str, where: str) -> None:
+    """Test hook: QLORA_BENCH_FAULT='oom|error|segfault[@substring]' makes matching configurations fail."""
+    spec = os.environ.get("QLORA_BENCH_FAULT", "")
+    if not spec:
+        return
+    kind, _, match = spec.partition("@")
+    if match and match not in config_id:
+        return
+    import torch
+
+    if kind == "oom" and where == "step":
+        raise torch.OutOfMemoryError("injected OOM (QLORA_BENCH_FAULT)")
+    if kind == "error" and where == "step":
+        raise RuntimeError("injected error (QLORA_BENCH_FAULT)")
+    if kind == "segfault" and where == "step":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "hang" and where == "step":
+        time.sleep(3600)
+
+
+def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = "", nvml=None) -> dict:
+    """Train `spec` with settings `s` and return a result record (outcome ok / oom / error)."""
+    import torch
+
+    s = s.validated()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    nvml = nvml if nvml is not None else (probes.try_nvml() if cuda else None)
+    baseline = nvml.used_now() if nvml else None  # before this process allocates anything on the GPU
+    m: dict = {"nvml_used_baseline_bytes": baseline}
+    record = {
+        "schema": SCHEMA_VERSION,
+        "kind": "train",
+        "id": config_id,
+        "model": spec.name,
+        "architecture": spec.config,
+        "settings": s.to_dict(),
+        "run": {
+            "steps": opts.steps,
+            "warmup": opts.warmup,
+            "seed": opts.seed,
+            "min_seconds": opts.min_seconds,
+            "loop": LOOP,
+            "loader": "meta + layer-by-layer materialization (qlora_bench.run.materialize)",
+        },
+        "outcome": "error",
+        "error": None,
+        "measured": m,
+        "environment": None,
+        "notes": [] if cuda else ["no CUDA device: a CPU smoke run, no GPU memory figures were taken"],
+    }
+    torch.manual_seed(opts.seed)
+    model = opt = None
+    try:
+        if cuda:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats()
+        m["mem_after_cuda_init"] = probes.memory_snapshot(nvml)
+        model = build_model(spec, s, device)
+        m["mem_after_model_build"] = probes.memory_snapshot(nvml)
+        m["param_bytes_by_dtype_after_build"] = _param_bytes_by_dtype(model)
+        m["base_model_params"] = spec.total_params
+        model = prepare(model, spec, s)
+        m["param_bytes_by_dtype_after_wrap"] = _param_bytes_by_dtype(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        m["trainable_params"] = sum(p.numel() for p in trainable)
+        m["trainable_param_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
+        m["total_params"] = spec.total_params + (m["trainable_params"] if s.uses_adapters else 0)
+        opt = build_optimizer(model, s)
+        m["optimizer_class"] = f"{type(opt).__module__}.{type(opt).__name__}"
+        m["mem_after_load"] = probes.memory_snapshot(nvml)
+        g = torch.Generator().manual_seed(opts.seed)
+        x = torch.randint(0, spec.vocab_size, (s.batch, s.seq), generator=g).to(device)
+        autocast = s.compute_dtype != "fp32"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if nvml:
+            nvml.start()
+        step_seconds, losses = [], []
+        t_timed = None
+        step = 0
+        while True:
+            if step == opts.warmup:
+                t_timed = time.perf_counter()
+            timed = step - opts.warmup
+            if timed >= opts.steps and (time.perf_counter() - t_timed >= opts.min_seconds or timed >= opts.max_steps):
+                break
+            _inject_fault(config_id, "step")
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            for _ in range(s.grad_accum):
+                with torch.autocast(device.type, dtype=torch_dtype(s.compute_dtype), enabled=autocast):
+                    loss = model(input_ids=x, labels=x).loss / s.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            step_seconds.append(round(time.perf_counter() - t0, 6))
+            losses.append(round(float(loss_sum), 5))
+            step += 1
+        m["mem_after_train"] = probes.memory_snapshot(nvml)
+        timed_s = step_seconds[opts.warmup :]
+        med = statistics.median(timed_s)
+        tokens = s.batch * s.seq * s.grad_accum
+        m.update(
+            step_seconds=step_seconds,
+            warmup_steps=opts.warmup,
+            timed_steps=len(timed_s),
+            step_seconds_median=med,
+            tokens_per_sec=round(tokens / med, 2),
+            tokens_per_sec_min=round(tokens / max(timed_s), 2),
+            tokens_per_sec_max=round(tokens / min(timed_s), 2),
+            losses=losses,
+        )
+        record["outcome"] = "ok"
+    except torch.OutOfMemoryError as e:
+        record.update(outcome="oom", error=str(e).splitlines()[0][:500])
+    except Exception as e:  # recorded, never raised: a sweep goes on
+        record.update(
+            outcome="error", error=f"{type(e).__name__}: {str(e)[:500]}", traceback=traceback.format_exc()[-4000:]
+        )
+    finally:
+        if nvml and nvml._thread is not None:
+            m["nvml_peak_used_bytes"] = nvml.stop()
+            m["nvml_samples"] = nvml.samples
+        if opt is not None:
+            m["optimizer_state_bytes"], m["optimizer_state_paged_bytes"] = _optimizer_state_bytes(opt)
+        if cuda:
+            m["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            m["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        else:
+            m["peak_allocated_bytes"] = m["peak_reserved_bytes"] = None
+        peak_nvml = m.get("nvml_peak_used_bytes")
+        m["peak_device_bytes"] = peak_nvml - baseline if (peak_nvml and baseline is not None) else None
+        m["cpu_max_rss_bytes"] = probes.max_rss_bytes()
+        record["environment"] = probes.environment(nvml)
+    return record

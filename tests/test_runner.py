@@ -1,0 +1,246 @@
+"""The runner on CPU: tiny real models train, the random-weight QLoRA model equals the from_pretrained one, and
+sweeps survive kills, OOMs, crashes and timeouts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qlora_bench.profiles import resolve_model
+from qlora_bench.results import load_records, read_jsonl
+from qlora_bench.settings import Settings
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("yaml")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "tests" / "data" / "tiny-llama")
+
+from qlora_bench.run import sweep as sw  # noqa: E402
+from qlora_bench.run.config import RunConfig  # noqa: E402
+from qlora_bench.run.materialize import build_model  # noqa: E402
+from qlora_bench.run.train import RunOptions, run_config  # noqa: E402
+
+OPT = RunOptions(steps=4, warmup=1, seed=0)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_tiny_model_trains_and_records_everything(method):
+    spec = resolve_model(TINY)
+    s = Settings(method=method, batch=2, seq=64, optimizer="adamw_torch" if method != "qlora" else "paged_adamw_8bit")
+    rec = run_config(spec, s, OPT, "t")
+    assert rec["outcome"] == "ok", rec.get("traceback")
+    m = rec["measured"]
+    assert m["losses"][-1] < m["losses"][0]  # fixed random batch: memorization makes the loss go down
+    assert len(m["step_seconds"]) == OPT.warmup + OPT.steps and m["tokens_per_sec"] > 0
+    for key in (
+        "mem_after_cuda_init",
+        "mem_after_model_build",
+        "mem_after_load",
+        "mem_after_train",
+        "param_bytes_by_dtype_after_build",
+        "param_bytes_by_dtype_after_wrap",
+        "trainable_params",
+        "total_params",
+        "optimizer_state_bytes",
+        "optimizer_class",
+        "peak_allocated_bytes",
+        "peak_device_bytes",
+        "tokens_per_sec_min",
+        "tokens_per_sec_max",
+        "cpu_max_rss_bytes",
+    ):
+        assert key in m, key
+    env = rec["environment"]
+    assert env["versions"]["torch"] and env["versions"]["bitsandbytes"] and "git_commit" in env
+    assert Settings.from_dict(rec["settings"]) == s
+    if method == "full":
+        assert m["trainable_params"] == spec.total_params
+    else:
+        assert m["param_bytes_by_dtype_after_wrap"]["float32"] >= m["trainable_params"] * 4
+    if method == "qlora":
+        # the 4-bit bytes equal the estimator's packed weights, the fp32 bytes its upcast + adapters
+        from qlora_bench.estimate import estimate
+
+        e = estimate(spec, s)
+        assert m["param_bytes_by_dtype_after_build"]["uint8"] == e.phases["loss"]["weights_4bit"]
+        assert m["param_bytes_by_dtype_after_wrap"]["float32"] == (
+            e.phases["loss"]["weights_dense"] + e.phases["loss"]["lora_adapters"]
+        )
+
+
+def _inventory(model):
+    """(name, type, dtype, shape, bytes) of every module's parameters and buffers, plus 4-bit quant states."""
+    rows = []
+    for name, mod in model.named_modules():
+        for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            rows.append(
+                (f"{name}.{pname}", type(mod).__name__, str(p.dtype), tuple(p.shape), p.numel() * p.element_size())
+            )
+        qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+        if qs is not None:
+            parts = [qs.absmax, qs.code] + ([qs.offset, qs.state2.absmax, qs.state2.code] if qs.nested else [])
+            rows.append(
+                (
+                    f"{name}.quant_state",
+                    qs.quant_type,
+                    str(qs.dtype),
+                    tuple(qs.shape),
+                    sum(t.numel() * t.element_size() for t in parts),
+                )
+            )
+    return sorted(rows)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_random_qlora_model_equals_from_pretrained(tmp_path, double_quant):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    spec = resolve_model(TINY)
+    s = Settings(double_quant=double_quant)
+    ours = build_model(spec, s, torch.device("cpu"))
+    # the user path: a checkpoint loaded with a BitsAndBytesConfig
+    src = build_model(spec, Settings(method="lora"), torch.device("cpu"))
+    src.save_pretrained(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path,
+        dtype=torch.bfloat16,
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+    )
+    assert _inventory(ours) == _inventory(theirs)
+
+
+def _sweep_file(tmp_path, grid, timeout=120, name="t"):
+    import yaml
+
+    f = tmp_path / "sweep.yaml"
+    f.write_text(
+        yaml.safe_dump({"name": name, "timeout_s": timeout, "options": {"steps": 2, "warmup": 1}, "grid": grid})
+    )
+    return f
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_bench", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        cwd=REPO,
+        **kw,
+    )
+
+
+def test_sharding_covers_the_grid_exactly_once(tmp_path):
+    f = _sweep_file(
+        tmp_path, [{"model": TINY, "method": ["full", "lora", "qlora"], "batch": [1, 2, 4], "seq": [32, 64]}]
+    )
+    sweep = sw.load_sweep(f)
+    assert len(sweep.configs) == 18
+    keys = [c.key for i in (1, 2, 3) for c in sw.shard(sweep.configs, i, 3)]
+    assert sorted(keys) == sorted(c.key for c in sweep.configs)
+
+
+def test_oom_is_recorded_and_bigger_configs_are_skipped(tmp_path):
+    f = _sweep_file(tmp_path, [{"model": TINY, "method": "lora", "batch": [1, 2, 4], "seq": [32]}])
+    out = tmp_path / "r.jsonl"
+    r = _cli("sweep", str(f), "--out", str(out), "--no-progress", env={"QLORA_BENCH_FAULT": "oom@bs2x32"})
+    assert r.returncode == 0, r.stderr
+    outcomes = {d["settings"]["batch"]: d["outcome"] for d in read_jsonl(out)}
+    assert outcomes == {1: "ok", 2: "oom", 4: "skipped_oom"}
+
+
+@pytest.mark.parametrize("fault,outcome", [("segfault", "crash"), ("error", "error"), ("hang", "timeout")])
+def test_crash_error_and_timeout_are_outcomes(tmp_path, fault, outcome):
+    f = _sweep_file(tmp_path, [{"model": TINY, "method": "full", "batch": [1, 2], "seq": [32]}], timeout=25)
+    out = tmp_path / "r.jsonl"
+    r = _cli("sweep", str(f), "--out", str(out), "--no-progress", env={"QLORA_BENCH_FAULT": f"{fault}@bs1x32"})
+    assert r.returncode == 0, r.stderr
+    recs = {d["settings"]["batch"]: d for d in read_jsonl(out)}
+    assert recs[1]["outcome"] == outcome and recs[1]["error"]
+    assert recs[2]["outcome"] == "ok"  # the sweep went on
+    assert len(load_records(out)) == 2
+
+
+def test_killed_sweep_resumes(tmp_path):
+    f = _sweep_file(tmp_path, [{"model": TINY, "method": ["full", "lora"], "batch": [1, 2], "seq": [32]}])
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qlora_bench", "sweep", str(f), "--out", str(out), "--no-progress"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.is_file() and out.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its worker, mid-run
+    proc.wait()
+    first = read_jsonl(out)
+    assert 1 <= len(first) < 4
+    with open(out, "a") as fh:
+        fh.write('{"schema": 1, "kind": "tr')  # a torn write is tolerated
+    r = _cli("sweep", str(f), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    recs = read_jsonl(out)
+    keys = [d["key"] for d in recs]
+    assert len(keys) == len(set(keys)) == 4
+    assert {c.key for c in sw.load_sweep(f).configs} == set(keys)
+    assert all(d["outcome"] == "ok" for d in recs)
+
+
+def test_results_merge_and_table(tmp_path):
+    f = _sweep_file(tmp_path, [{"model": TINY, "method": "full", "batch": [1], "seq": [32, 64]}])
+    a, b, merged = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "m.jsonl"
+    for i, out in ((1, a), (2, b)):
+        r = _cli("sweep", str(f), "--out", str(out), "--shard", f"{i}/2", "--no-progress")
+        assert r.returncode == 0, r.stderr
+    r = _cli("results", str(a), str(b), "--merge", str(merged))
+    assert r.returncode == 0 and len(read_jsonl(merged)) == 2
+    r = _cli("results", str(merged))
+    assert r.returncode == 0 and "tiny-llama/full" in r.stdout
+    from qlora_bench.results import to_dataframe
+
+    df = to_dataframe(load_records(merged))
+    assert list(df["outcome"]) == ["ok", "ok"] and (df["measured.tokens_per_sec"] > 0).all()
+
+
+def test_run_config_identity_is_stable():
+    c = RunConfig(TINY, Settings(), OPT)
+    assert RunConfig.from_dict(json.loads(json.dumps(c.to_dict()))).key == c.key
+
+
+@pytest.mark.gpu
+def test_nvml_sampler_sees_an_allocation():
+    from qlora_bench.run.probes import NvmlSampler
+
+    nv = NvmlSampler().start()
+    before = nv.used_now()
+    x = torch.empty(512 * 1024**2, dtype=torch.uint8, device="cuda")
+    time.sleep(0.1)
+    peak = nv.stop()
+    assert peak - before >= 500 * 1024**2
+    del x
+
+
+@pytest.mark.gpu
+def test_short_gpu_run():
+    rec = run_config(resolve_model(TINY), Settings(batch=2, seq=128), OPT, "gpu")
+    assert rec["outcome"] == "ok"
+    m = rec["measured"]
+    assert m["peak_allocated_bytes"] > 0 and m["peak_device_bytes"] >= m["peak_reserved_bytes"]
