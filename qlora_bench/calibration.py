@@ -23,7 +23,6 @@ from pathlib import Path
 from .estimate import estimate
 from .estimate.optimizer import optimizer_bytes
 from .estimate.overhead import CALIBRATION_FILE, Overheads, overheads
-from .profiles import resolve_model
 from .results import RESULTS_DIR, Record, load_records
 
 
@@ -48,7 +47,7 @@ def _paged(r: Record) -> int:
 def fit(records: list[Record]) -> dict:
     from .estimate import trainable_tensors
 
-    recs = [r for r in records if r.ok and r.measured.get("peak_device_bytes")]
+    recs = [r for r in records if r.ok and r.measured.get("peak_device_bytes")]  # GPU runs only
     if not recs:
         raise ValueError("no successful records with device measurements to calibrate from")
     residue = {r.id: r.measured["peak_device_bytes"] - r.measured["peak_reserved_bytes"] - _paged(r) for r in recs}
@@ -59,13 +58,13 @@ def fit(records: list[Record]) -> dict:
     for r in recs:
         m = r.measured
         if m.get("mem_after_train") and m.get("mem_after_load"):
-            model = resolve_model(r.model)
+            model = r.model_spec()
             opt = optimizer_bytes(trainable_tensors(model, r.settings), r.settings.optimizer_kind)
             cublas.append(m["mem_after_train"]["allocated"] - m["mem_after_load"]["allocated"] - opt.device)
     ov0 = replace(overheads(), reserve_fraction=0.0)
     ratios = []
     for r in recs:
-        e = estimate(resolve_model(r.model), r.settings, ov0)
+        e = estimate(r.model_spec(), r.settings, ov0)
         gap = r.measured["peak_reserved_bytes"] - r.measured["peak_allocated_bytes"]
         ratios.append(gap / e.dynamic_bytes)
     out = {
@@ -101,7 +100,7 @@ def fit(records: list[Record]) -> dict:
     )
     errors = {}
     for r in recs:
-        e = estimate(resolve_model(r.model), r.settings, ov)
+        e = estimate(r.model_spec(), r.settings, ov)
         errors[r.id] = round(e.peak_allocated_bytes / r.measured["peak_allocated_bytes"] - 1, 4)
     abs_err = [abs(v) for v in errors.values()]
     out["allocated_rel_error"] = {

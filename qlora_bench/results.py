@@ -39,6 +39,15 @@ class Record:
     def settings(self) -> Settings:
         return Settings.from_dict(self.data["settings"])
 
+    def model_spec(self):
+        """The model: its profile / config path when it resolves, else the config.json fields in the record."""
+        from .profiles import model_from_config, resolve_model
+
+        try:
+            return resolve_model(self.model)
+        except InputError:
+            return model_from_config(self.data["architecture"], self.model, f"{self.path}:{self.line}")
+
     @property
     def ok(self) -> bool:
         return self.data.get("outcome") == "ok"
