@@ -191,25 +191,37 @@ def gpu_slug() -> str:
 
 def cmd_run(a: argparse.Namespace) -> int:
     _need_train_extra()
+    from dataclasses import replace
+
     from .profiles import resolve_model
     from .results import append_record
     from .run.config import RunConfig
     from .run.train import run_config
 
     spec = resolve_model(a.model)
-    cfg = RunConfig(a.model, settings_from_args(a, a.method), _run_options(a))
-    record = run_config(spec, cfg.settings, cfg.options, cfg.id)
-    record["key"] = cfg.key
-    out = Path(a.out) if a.out else Path("results") / gpu_slug() / "runs.jsonl"
-    append_record(out, record)
-    if a.json:
-        print(json.dumps(record, indent=2, sort_keys=True))
-    else:
-        from . import render
+    trainers = ["loop", "sft"] if a.trainer == "both" else [a.trainer]
+    if "sft" in trainers:
+        import importlib.util
 
-        render.run_record(record, spec)
-        print(f"appended to {out}")
-    return 0 if record["outcome"] in ("ok", "oom") else 1
+        if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
+            raise InputError("--trainer sft needs trl: pip install 'qlora-bench[train]'")
+    out = Path(a.out) if a.out else Path("results") / gpu_slug() / "runs.jsonl"
+    settings = settings_from_args(a, a.method)
+    worst = 0
+    for trainer in trainers:
+        cfg = RunConfig(a.model, settings, replace(_run_options(a), trainer=trainer))
+        record = run_config(spec, cfg.settings, cfg.options, cfg.id)
+        record["key"] = cfg.key
+        append_record(out, record)
+        if a.json:
+            print(json.dumps(record, indent=2, sort_keys=True))
+        else:
+            from . import render
+
+            render.run_record(record, spec)
+            print(f"appended to {out}")
+        worst = max(worst, 0 if record["outcome"] in ("ok", "oom") else 1)
+    return worst
 
 
 def _parse_shard(text: str | None):
@@ -304,7 +316,7 @@ def _list(kind):
     return parse
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, with_trainer: bool = False) -> None:
     from .run.train import RunOptions
 
     d = RunOptions()
@@ -318,6 +330,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default=d.min_seconds,
         help="keep timing until this many seconds have passed as well (default 0)",
     )
+    if with_trainer:
+        g.add_argument(
+            "--trainer",
+            choices=["loop", "sft", "both"],
+            default=d.trainer,
+            help="loop: the plain Trainer-equivalent loop (default); sft: trl's SFTTrainer; both: two records",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--model", required=True, help="profile name or alias, a config.json file or folder, a hub id")
     add_settings_args(sp, methods=METHODS)
-    _add_run_options(sp)
+    _add_run_options(sp, with_trainer=True)
     sp.add_argument("--out", help="results .jsonl to append to (default results/<gpu>/runs.jsonl)")
     sp.add_argument("--json", action="store_true", help="print the record as JSON")
     sp.set_defaults(func=cmd_run)

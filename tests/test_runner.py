@@ -244,3 +244,17 @@ def test_short_gpu_run():
     assert rec["outcome"] == "ok"
     m = rec["measured"]
     assert m["peak_allocated_bytes"] > 0 and m["peak_device_bytes"] >= m["peak_reserved_bytes"]
+
+
+def test_sft_trainer_path_records_the_same_fields():
+    pytest.importorskip("trl")
+    spec = resolve_model(TINY)
+    s = Settings(batch=2, seq=64)
+    rec = run_config(spec, s, RunOptions(steps=3, warmup=1, trainer="sft"), "sft")
+    assert rec["outcome"] == "ok", rec.get("traceback")
+    m = rec["measured"]
+    assert len(m["step_seconds"]) == 4 and len(m["losses"]) == 4 and m["tokens_per_sec"] > 0
+    assert "SFTTrainer" in rec["run"]["loop"] and m["optimizer_class"].startswith("bitsandbytes")
+    assert m["param_bytes_by_dtype_after_wrap"] == run_config(spec, s, OPT, "loop")["measured"][
+        "param_bytes_by_dtype_after_wrap"]
+    assert RunConfig(TINY, s, RunOptions(trainer="sft")).name.endswith("/sft")

@@ -39,6 +39,8 @@ class RunConfig:
         if s.method == "qlora":
             parts.append(f"{s.quant}-{'dq' if s.double_quant else 'nodq'}")
         parts += [s.optimizer, f"bs{s.batch}x{s.seq}", "gc" if s.gradient_checkpointing else "nogc", s.attn]
+        if self.options.trainer != "loop":
+            parts.append(self.options.trainer)
         return "/".join(parts)
 
     @property

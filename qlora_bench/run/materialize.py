@@ -133,22 +133,29 @@ def peft_targets(spec: ModelSpec, s: Settings):
     return sorted({m.name.split(".")[-1] for m in target_modules(spec, s)})
 
 
-def prepare(model, spec: ModelSpec, s: Settings):
-    """The user path after loading: freeze / upcast, gradient checkpointing, LoRA adapters."""
+def prepare_base(model, s: Settings):
+    """The user path after loading: peft's kbit preparation (freeze + fp32 upcast) for QLoRA, or freezing for
+    LoRA, and non-reentrant gradient checkpointing."""
     import peft
 
     gc_kwargs = {"use_reentrant": False}
     if s.method == "qlora" and s.upcast_non_quantized:
-        model = peft.prepare_model_for_kbit_training(
+        return peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=s.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
-    else:
-        if s.uses_adapters:
-            for p in model.parameters():
-                p.requires_grad = False
-        if s.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if s.uses_adapters:
+        for p in model.parameters():
+            p.requires_grad = False
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    return model
+
+
+def add_adapters(model, spec: ModelSpec, s: Settings):
+    """peft LoRA adapters (fp32: peft's autocast_adapter_dtype default) on the chosen targets."""
+    if s.uses_adapters:
+        import peft
+
         cfg = peft.LoraConfig(
             r=s.rank,
             lora_alpha=s.alpha,
@@ -160,6 +167,10 @@ def prepare(model, spec: ModelSpec, s: Settings):
         model = peft.get_peft_model(model, cfg)
     model.train()
     return model
+
+
+def prepare(model, spec: ModelSpec, s: Settings):
+    return add_adapters(prepare_base(model, s), spec, s)
 
 
 def build_optimizer(model, s: Settings, lr: float = 1e-4):

@@ -20,12 +20,17 @@ from ..profiles import ModelSpec
 from ..results import SCHEMA_VERSION
 from ..settings import Settings
 from . import probes
-from .materialize import build_model, build_optimizer, prepare, torch_dtype
+from .materialize import add_adapters, build_model, build_optimizer, prepare_base, torch_dtype
 
 LOOP = (
     "autocast(compute dtype): loss = model(input_ids=x, labels=x).loss; loss.backward() per micro-batch; "
     "optimizer.step(); optimizer.zero_grad(set_to_none=True)"
 )
+SFT = (
+    "trl SFTTrainer(model, SFTConfig(optim, bf16/fp16, per_device_train_batch_size, gradient_accumulation_steps, "
+    "max_steps)) on pre-tokenized random ids with attention_mask; labels = input_ids"
+)
+TRAINERS = ("loop", "sft")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class RunOptions:
     seed: int = 0
     min_seconds: float = 0.0  # keep timing until this much time has passed too
     max_steps: int = 200  # cap for the min_seconds rule
+    trainer: str = "loop"  # loop: the plain Trainer-equivalent loop; sft: trl's SFTTrainer itself
 
 
 def _param_bytes_by_dtype(model) -> dict:
@@ -86,6 +92,133 @@ def _inject_fault(config_id: str, where: str) -> None:
         time.sleep(3600)
 
 
+def _start_training_measurement(nvml, m: dict) -> None:
+    """After load: snapshot, then reset peaks so that peak_* cover training only, and start NVML sampling."""
+    import torch
+
+    m["mem_after_load"] = probes.memory_snapshot(nvml)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if nvml:
+        nvml.start()
+
+
+def _train_loop(model, opt, x, s: Settings, opts: RunOptions, device, nvml, m: dict, config_id: str):
+    import torch
+
+    _start_training_measurement(nvml, m)
+    autocast = s.compute_dtype != "fp32"
+    step_seconds, losses = [], []
+    t_timed = None
+    step = 0
+    while True:
+        if step == opts.warmup:
+            t_timed = time.perf_counter()
+        timed = step - opts.warmup
+        if timed >= opts.steps and (time.perf_counter() - t_timed >= opts.min_seconds or timed >= opts.max_steps):
+            break
+        _inject_fault(config_id, "step")
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(s.grad_accum):
+            with torch.autocast(device.type, dtype=torch_dtype(s.compute_dtype), enabled=autocast):
+                loss = model(input_ids=x, labels=x).loss / s.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_seconds.append(round(time.perf_counter() - t0, 6))
+        losses.append(round(float(loss_sum), 5))
+        step += 1
+    return step_seconds, losses
+
+
+def _word_level_tokenizer(vocab_size: int):
+    """SFTTrainer wants a processing class; the data is already token ids, so any tokenizer over the model's
+    vocabulary will do: a WordLevel one built locally (no hub)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({str(i): i for i in range(vocab_size)}, unk_token="0"))  # noqa: S106
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="0", eos_token="1", unk_token="0")  # noqa: S106
+
+
+def _train_sft(model, spec: ModelSpec, s: Settings, opts: RunOptions, g, nvml, m: dict, config_id: str):
+    """The same configuration through trl's SFTTrainer: what people actually run. The number of steps is fixed
+    (warm-up + steps; min_seconds does not apply); step times come from a callback with device sync."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    total = opts.warmup + opts.steps
+    rows = s.batch * s.grad_accum * total
+    ids = torch.randint(0, spec.vocab_size, (rows, s.seq), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist()})
+
+    def collate(features):
+        x = torch.tensor([f["input_ids"] for f in features])
+        return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+
+    times, t0 = [], [0.0]
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            _start_training_measurement(nvml, m)
+
+        def on_step_begin(self, args, state, control, **kw):
+            _inject_fault(config_id, "step")
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0[0] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(round(time.perf_counter() - t0[0], 6))
+
+    cuda = torch.cuda.is_available()
+    cfg = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="qlora-bench-sft-"),
+        per_device_train_batch_size=s.batch,
+        gradient_accumulation_steps=s.grad_accum,
+        max_steps=total,
+        optim=s.optimizer,
+        learning_rate=1e-4,
+        bf16=s.compute_dtype == "bf16",
+        fp16=s.compute_dtype == "fp16",
+        logging_steps=1,
+        report_to=[],
+        max_length=s.seq,
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        gradient_checkpointing=False,  # already set up by prepare_base
+        save_strategy="no",
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        seed=opts.seed,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=data,
+        data_collator=collate,
+        processing_class=_word_level_tokenizer(spec.vocab_size),
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    losses = [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h]
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    return times, losses, opt
+
+
 def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = "", nvml=None) -> dict:
     """Train `spec` with settings `s` and return a result record (outcome ok / oom / error)."""
     import torch
@@ -120,6 +253,8 @@ def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = 
     torch.manual_seed(opts.seed)
     model = opt = None
     try:
+        if opts.trainer not in TRAINERS:
+            raise ValueError(f"trainer {opts.trainer!r}: use one of {', '.join(TRAINERS)}")
         if cuda:
             torch.cuda.init()
             torch.cuda.reset_peak_memory_stats()
@@ -128,46 +263,24 @@ def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = 
         m["mem_after_model_build"] = probes.memory_snapshot(nvml)
         m["param_bytes_by_dtype_after_build"] = _param_bytes_by_dtype(model)
         m["base_model_params"] = spec.total_params
-        model = prepare(model, spec, s)
+        model = prepare_base(model, s)
+        if s.method == "qlora":
+            m["mem_after_prepare_kbit"] = probes.memory_snapshot(nvml)
+        model = add_adapters(model, spec, s)
         m["param_bytes_by_dtype_after_wrap"] = _param_bytes_by_dtype(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         m["trainable_params"] = sum(p.numel() for p in trainable)
         m["trainable_param_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
         m["total_params"] = spec.total_params + (m["trainable_params"] if s.uses_adapters else 0)
-        opt = build_optimizer(model, s)
-        m["optimizer_class"] = f"{type(opt).__module__}.{type(opt).__name__}"
-        m["mem_after_load"] = probes.memory_snapshot(nvml)
         g = torch.Generator().manual_seed(opts.seed)
-        x = torch.randint(0, spec.vocab_size, (s.batch, s.seq), generator=g).to(device)
-        autocast = s.compute_dtype != "fp32"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        if nvml:
-            nvml.start()
-        step_seconds, losses = [], []
-        t_timed = None
-        step = 0
-        while True:
-            if step == opts.warmup:
-                t_timed = time.perf_counter()
-            timed = step - opts.warmup
-            if timed >= opts.steps and (time.perf_counter() - t_timed >= opts.min_seconds or timed >= opts.max_steps):
-                break
-            _inject_fault(config_id, "step")
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            for _ in range(s.grad_accum):
-                with torch.autocast(device.type, dtype=torch_dtype(s.compute_dtype), enabled=autocast):
-                    loss = model(input_ids=x, labels=x).loss / s.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            step_seconds.append(round(time.perf_counter() - t0, 6))
-            losses.append(round(float(loss_sum), 5))
-            step += 1
+        if opts.trainer == "sft":
+            record["run"]["loop"] = SFT
+            step_seconds, losses, opt = _train_sft(model, spec, s, opts, g, nvml, m, config_id)
+        else:
+            opt = build_optimizer(model, s)
+            x = torch.randint(0, spec.vocab_size, (s.batch, s.seq), generator=g).to(device)
+            step_seconds, losses = _train_loop(model, opt, x, s, opts, device, nvml, m, config_id)
+        m["optimizer_class"] = f"{type(opt).__module__}.{type(opt).__name__}"
         m["mem_after_train"] = probes.memory_snapshot(nvml)
         timed_s = step_seconds[opts.warmup :]
         med = statistics.median(timed_s)
