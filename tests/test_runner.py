@@ -258,3 +258,21 @@ def test_sft_trainer_path_records_the_same_fields():
     assert m["param_bytes_by_dtype_after_wrap"] == run_config(spec, s, OPT, "loop")["measured"][
         "param_bytes_by_dtype_after_wrap"]
     assert RunConfig(TINY, s, RunOptions(trainer="sft")).name.endswith("/sft")
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_build_draws_each_weight_once_and_quantized_ones_only_one_at_a_time(monkeypatch, method):
+    """Materialization allocates every 16-bit parameter once, and for QLoRA draws each 4-bit weight in 16-bit
+    only inside _quantize_linear (one at a time): no 16-bit copy of the quantized model ever exists."""
+    from qlora_bench.estimate.weights import non_quantized_params
+    from qlora_bench.run import materialize
+
+    spec = resolve_model(TINY)
+    drawn = []
+    real_init = materialize._init_param
+    monkeypatch.setattr(materialize, "_init_param", lambda n, m, p, std: (drawn.append(p.numel()),
+                                                                           real_init(n, m, p, std)))
+    model = materialize.build_model(spec, Settings(method=method), torch.device("cpu"))
+    expected = non_quantized_params(spec) if method == "qlora" else spec.total_params
+    assert sum(drawn) == expected
+    assert not any(p.is_meta for p in model.parameters())

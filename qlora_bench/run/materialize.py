@@ -100,10 +100,14 @@ def build_model(spec: ModelSpec, s: Settings, device):
     tied = spec.tie_word_embeddings
     out_emb = model.get_output_embeddings()
 
+    replaced = set()  # 16-bit linears swapped for Linear4bit: detached, never to be materialized
     for _, parent in list(model.named_modules()):
+        if id(parent) in replaced:
+            continue
         for child_name, child in list(parent.named_children()):
             if s.method == "qlora" and id(child) in decoder_linears:
                 setattr(parent, child_name, _quantize_linear(child, s, device, std))
+                replaced.add(id(child))
         if tied and parent is out_emb:
             continue  # shares the embedding's Parameter: tie_weights() below
         for name, p in list(parent.named_parameters(recurse=False)):
