@@ -172,7 +172,14 @@ def _need_train_extra() -> None:
 def _run_options(a: argparse.Namespace):
     from .run.train import RunOptions
 
-    return RunOptions(steps=a.steps, warmup=a.warmup, seed=a.seed, min_seconds=a.min_seconds)
+    return RunOptions(
+        steps=a.steps,
+        warmup=a.warmup,
+        seed=a.seed,
+        min_seconds=a.min_seconds,
+        text=getattr(a, "text", None),
+        tokenizer=getattr(a, "tokenizer", None),
+    )
 
 
 def gpu_slug() -> str:
@@ -199,6 +206,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .run.train import run_config
 
     spec = resolve_model(a.model)
+    if a.text and not Path(a.text).is_file():
+        raise InputError(f"--text {a.text}: no such file")
+    if bool(a.text) != bool(a.tokenizer):
+        raise InputError("--text and --tokenizer go together: a text file and a local tokenizer folder")
     trainers = ["loop", "sft"] if a.trainer == "both" else [a.trainer]
     if "sft" in trainers:
         import importlib.util
@@ -337,6 +348,8 @@ def _add_run_options(p: argparse.ArgumentParser, with_trainer: bool = False) -> 
             default=d.trainer,
             help="loop: the plain Trainer-equivalent loop (default); sft: trl's SFTTrainer; both: two records",
         )
+        g.add_argument("--text", help="train on this text file instead of random token ids (needs --tokenizer)")
+        g.add_argument("--tokenizer", help="a local tokenizer folder for --text")
 
 
 def build_parser() -> argparse.ArgumentParser:

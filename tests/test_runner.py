@@ -276,3 +276,23 @@ def test_build_draws_each_weight_once_and_quantized_ones_only_one_at_a_time(monk
     expected = non_quantized_params(spec) if method == "qlora" else spec.total_params
     assert sum(drawn) == expected
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_trains_on_a_text_file_with_a_local_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    text = "the quick brown fox jumps over the lazy dog " * 20
+    vocab = {w: i for i, w in enumerate(["[UNK]", *sorted(set(text.split()))])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    (tmp_path / "corpus.txt").write_text(text)
+    opts = RunOptions(steps=3, warmup=1, text=str(tmp_path / "corpus.txt"), tokenizer=str(tmp_path / "tok"))
+    rec = run_config(resolve_model(TINY), Settings(method="lora", batch=2, seq=128), opts, "text")
+    assert rec["outcome"] == "ok", rec.get("traceback")
+    assert rec["run"]["text"] == opts.text and rec["run"]["tokenizer"] == opts.tokenizer
+    assert any("repeated" in n for n in rec["notes"])  # 180 tokens of text for 2 x 128
+    assert rec["measured"]["losses"][-1] < rec["measured"]["losses"][0]

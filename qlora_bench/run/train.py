@@ -14,7 +14,7 @@ import signal
 import statistics
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..profiles import ModelSpec
 from ..results import SCHEMA_VERSION
@@ -41,6 +41,8 @@ class RunOptions:
     min_seconds: float = 0.0  # keep timing until this much time has passed too
     max_steps: int = 200  # cap for the min_seconds rule
     trainer: str = "loop"  # loop: the plain Trainer-equivalent loop; sft: trl's SFTTrainer itself
+    text: str | None = None  # a text file to train on instead of random token ids
+    tokenizer: str | None = None  # a local tokenizer folder for `text`
 
 
 def _param_bytes_by_dtype(model) -> dict:
@@ -146,6 +148,33 @@ def _word_level_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="0", eos_token="1", unk_token="0")  # noqa: S106
 
 
+def token_rows(spec: ModelSpec, s: Settings, opts: RunOptions, rows: int, g) -> tuple:
+    """`rows` sequences of `s.seq` token ids: random (fixed seed), or the user's text file tokenized with a local
+    tokenizer, cut into windows (repeated when the text is shorter). Returns (tensor, note or None)."""
+    import torch
+
+    if not opts.text:
+        return torch.randint(0, spec.vocab_size, (rows, s.seq), generator=g), None
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if not opts.tokenizer:
+        raise ValueError("--text needs --tokenizer: a local tokenizer folder (no hub access is assumed)")
+    tok = AutoTokenizer.from_pretrained(opts.tokenizer)
+    ids = tok(Path(opts.text).read_text(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{opts.text}: no tokens")
+    if max(ids) >= spec.vocab_size:
+        raise ValueError(f"tokenizer ids go up to {max(ids)} but the model's vocabulary has {spec.vocab_size}")
+    need = rows * s.seq
+    note = None
+    if len(ids) < need:
+        note = f"text has {len(ids)} tokens, repeated to fill {need}"
+        ids = (ids * (need // len(ids) + 1))[:need]
+    return torch.tensor(ids[:need]).view(rows, s.seq), note
+
+
 def _train_sft(model, spec: ModelSpec, s: Settings, opts: RunOptions, g, nvml, m: dict, config_id: str):
     """The same configuration through trl's SFTTrainer: what people actually run. The number of steps is fixed
     (warm-up + steps; min_seconds does not apply); step times come from a callback with device sync."""
@@ -157,8 +186,7 @@ def _train_sft(model, spec: ModelSpec, s: Settings, opts: RunOptions, g, nvml, m
     from trl import SFTConfig, SFTTrainer
 
     total = opts.warmup + opts.steps
-    rows = s.batch * s.grad_accum * total
-    ids = torch.randint(0, spec.vocab_size, (rows, s.seq), generator=g)
+    ids, _ = token_rows(spec, s, opts, s.batch * s.grad_accum * total, g)
     data = Dataset.from_dict({"input_ids": ids.tolist()})
 
     def collate(features):
@@ -237,10 +265,7 @@ def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = 
         "architecture": spec.config,
         "settings": s.to_dict(),
         "run": {
-            "steps": opts.steps,
-            "warmup": opts.warmup,
-            "seed": opts.seed,
-            "min_seconds": opts.min_seconds,
+            **asdict(opts),
             "loop": LOOP,
             "loader": "meta + layer-by-layer materialization (qlora_bench.run.materialize)",
         },
@@ -278,7 +303,10 @@ def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = 
             step_seconds, losses, opt = _train_sft(model, spec, s, opts, g, nvml, m, config_id)
         else:
             opt = build_optimizer(model, s)
-            x = torch.randint(0, spec.vocab_size, (s.batch, s.seq), generator=g).to(device)
+            x, note = token_rows(spec, s, opts, s.batch, g)
+            x = x.to(device)
+            if note:
+                record["notes"].append(note)
             step_seconds, losses = _train_loop(model, opt, x, s, opts, device, nvml, m, config_id)
         m["optimizer_class"] = f"{type(opt).__module__}.{type(opt).__name__}"
         m["mem_after_train"] = probes.memory_snapshot(nvml)
