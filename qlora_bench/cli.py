@@ -13,6 +13,8 @@ from pathlib import Path
 from .errors import InputError
 from .settings import ATTN, DEFAULT_OPTIMIZER, DTYPES, METHODS, OPTIMIZERS, QUANT_TYPES, Settings
 
+MODEL_HELP = "profile name or alias (70b, llama-3.1-8b), a config.json file or folder, or a hub id"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
@@ -368,11 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="feasibility verdict with a memory breakdown",
         description="Estimate peak GPU memory for a fine-tuning configuration and say whether it fits.",
     )
-    sp.add_argument(
-        "--model",
-        required=True,
-        help="profile name or alias (70b, llama-3.1-8b), a config.json file or folder, or a hub id",
-    )
+    sp.add_argument("--model", required=True, help=MODEL_HELP)
     sp.add_argument("--gpu", required=True, help="GPU profile (h100, rtx-4090) or size (48gb, 24GiB, 2x24gb)")
     add_settings_args(sp)
     sp.add_argument("--json", action="store_true", help="print JSON (a list for --method all)")
@@ -384,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a random-weight model of a real architecture for a few steps and record "
         "peak memory (torch, NVML) and throughput. Needs the train extra.",
     )
-    sp.add_argument("--model", required=True, help="profile name or alias, a config.json file or folder, a hub id")
+    sp.add_argument("--model", required=True, help=MODEL_HELP)
     add_settings_args(sp, methods=METHODS)
     _add_run_options(sp, with_trainer=True)
     sp.add_argument("--out", help="results .jsonl to append to (default results/<gpu>/runs.jsonl)")
