@@ -8,22 +8,29 @@ Only what no formula gives is fitted, each as the median over the records it app
 - cublas_workspace_bytes: allocated after training - allocated after load - the optimizer states the estimator
   predicts (what persists after the first step besides the states is the cuBLAS workspace);
 - reserve_fraction: (torch reserved peak - allocated peak) / the estimate's dynamic bytes at the peak;
-- allocated_rel_error: the analytic allocated peak's relative error on these records (the estimate's band).
-The output records which records it was fitted on. Rerun after adding measurements; tests check that the
+- allocated_rel_error: the analytic allocated peak's relative error on these records (the estimate's band);
+- safety_margin: per method, the largest under-prediction of the device peak on these records, which `plan`
+  adds before it says "fits" (so that a fit can be trusted; 0 where it never under-predicted).
+
+Hold-out: records whose id hashes into the hold-out quarter are not fitted on; `qlora-bench validate` reports
+their errors separately. The output lists both sets. Rerun after adding measurements; a test checks that the
 committed file equals a fresh fit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from .estimate import estimate
+from .estimate import estimate, trainable_tensors
 from .estimate.optimizer import optimizer_bytes
-from .estimate.overhead import CALIBRATION_FILE, Overheads, overheads
+from .estimate.overhead import _FALLBACK, CALIBRATION_FILE, Overheads, overheads
 from .results import RESULTS_DIR, Record, load_records
+
+HOLD_OUT_EVERY = 4  # one record in four (by id hash) is held out
 
 
 def _uses_bnb(r: Record) -> bool:
@@ -31,7 +38,13 @@ def _uses_bnb(r: Record) -> bool:
     return s.method == "qlora" or s.optimizer_kind in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
+def is_held_out(record_id: str) -> bool:
+    return int(hashlib.sha1(record_id.encode(), usedforsecurity=False).hexdigest(), 16) % HOLD_OUT_EVERY == 0
+
+
 def _stat(values: list[float]) -> dict:
+    if not values:
+        return {"value": 0, "min": 0, "max": 0, "n": 0}
     return {
         "value": int(round(statistics.median(values))),
         "min": int(min(values)),
@@ -44,32 +57,43 @@ def _paged(r: Record) -> int:
     return r.measured.get("optimizer_state_paged_bytes") or 0
 
 
-def fit(records: list[Record]) -> dict:
-    from .estimate import trainable_tensors
+def _overheads_from(cal: dict) -> Overheads:
+    rr = cal["reserve_fraction"]
+    return replace(
+        overheads(),
+        cuda_context=cal["cuda_context_bytes"]["value"],
+        bnb_runtime=cal["bnb_runtime_bytes"]["value"],
+        cublas_workspace=cal["cublas_workspace_bytes"]["value"],
+        reserve_fraction=rr["median"],
+        reserve_fraction_low=rr["min"],
+        reserve_fraction_high=rr["max"],
+        driver_idle=cal["driver_idle_bytes"]["value"],
+        allocated_rel_error=cal.get("allocated_rel_error", {}).get("max", 0.0),
+        safety_margin=cal.get("safety_margin", {}),
+        fitted_on=tuple(cal["fitted_on"]),
+        calibrated=True,
+        source="fit in progress",
+    )
 
-    recs = [r for r in records if r.ok and r.measured.get("peak_device_bytes")]  # GPU runs only
+
+def fit(records: list[Record]) -> dict:
+    gpu_records = [r for r in records if r.ok and r.measured.get("peak_device_bytes")]  # GPU runs only
+    recs = [r for r in gpu_records if not is_held_out(r.id)]
     if not recs:
         raise ValueError("no successful records with device measurements to calibrate from")
     residue = {r.id: r.measured["peak_device_bytes"] - r.measured["peak_reserved_bytes"] - _paged(r) for r in recs}
-    plain = [residue[r.id] for r in recs if not _uses_bnb(r)]
-    ctx = _stat(plain)
-    bnb = [residue[r.id] - ctx["value"] for r in recs if _uses_bnb(r)]
+    ctx = _stat([residue[r.id] for r in recs if not _uses_bnb(r)])
+    bnb = _stat([residue[r.id] - ctx["value"] for r in recs if _uses_bnb(r)])
     cublas = []
     for r in recs:
         m = r.measured
         if m.get("mem_after_train") and m.get("mem_after_load"):
-            model = r.model_spec()
-            opt = optimizer_bytes(trainable_tensors(model, r.settings), r.settings.optimizer_kind)
+            opt = optimizer_bytes(trainable_tensors(r.model_spec(), r.settings), r.settings.optimizer_kind)
             cublas.append(m["mem_after_train"]["allocated"] - m["mem_after_load"]["allocated"] - opt.device)
-    ov0 = replace(overheads(), reserve_fraction=0.0)
-    ratios = []
-    for r in recs:
-        e = estimate(r.model_spec(), r.settings, ov0)
-        gap = r.measured["peak_reserved_bytes"] - r.measured["peak_allocated_bytes"]
-        ratios.append(gap / e.dynamic_bytes)
     out = {
         "generated_by": "qlora-bench calibrate",
         "fitted_on": sorted(r.id for r in recs),
+        "held_out": sorted(r.id for r in gpu_records if is_held_out(r.id)),
         "source_files": sorted(
             {
                 str(r.path.relative_to(RESULTS_DIR.parent))
@@ -81,33 +105,38 @@ def fit(records: list[Record]) -> dict:
         "gpus": sorted({r.data.get("environment", {}).get("gpu_name") or "?" for r in recs}),
         "driver_idle_bytes": _stat([r.measured["nvml_used_baseline_bytes"] for r in recs]),
         "cuda_context_bytes": ctx,
-        "bnb_runtime_bytes": _stat(bnb) if bnb else {"value": 0, "min": 0, "max": 0, "n": 0},
-        "cublas_workspace_bytes": _stat(cublas) if cublas else {"value": 0, "min": 0, "max": 0, "n": 0},
-        "reserve_fraction": {
-            "median": round(statistics.median(ratios), 4),
-            "min": round(min(ratios), 4),
-            "max": round(max(ratios), 4),
-            "n": len(ratios),
-        },
+        "bnb_runtime_bytes": bnb,
+        "cublas_workspace_bytes": _stat(cublas),
+        "reserve_fraction": {"median": 0.0, "min": 0.0, "max": 0.0, "n": 0},
     }
-    # the analytic allocated peak with these overheads, against each record
-    ov = replace(
-        overheads(),
-        cublas_workspace=out["cublas_workspace_bytes"]["value"],
-        allocated_rel_error=0.0,
-        calibrated=True,
-        source="fit in progress",
-    )
-    errors = {}
+    # allocator slack: measured reserved - allocated over the estimate's dynamic bytes
+    ov = _overheads_from(out)
+    ratios = []
     for r in recs:
         e = estimate(r.model_spec(), r.settings, ov)
-        errors[r.id] = round(e.peak_allocated_bytes / r.measured["peak_allocated_bytes"] - 1, 4)
-    abs_err = [abs(v) for v in errors.values()]
+        ratios.append((r.measured["peak_reserved_bytes"] - r.measured["peak_allocated_bytes"]) / e.dynamic_bytes)
+    out["reserve_fraction"] = {
+        "median": round(statistics.median(ratios), 4),
+        "min": round(min(ratios), 4),
+        "max": round(max(ratios), 4),
+        "n": len(ratios),
+    }
+    # the analytic peaks with these overheads, against each record
+    ov = _overheads_from(out)
+    alloc_err, under = {}, {}
+    for r in recs:
+        e = estimate(r.model_spec(), r.settings, ov)
+        alloc_err[r.id] = round(e.peak_allocated_bytes / r.measured["peak_allocated_bytes"] - 1, 4)
+        shortfall = r.measured["peak_device_bytes"] / e.peak_device_bytes - 1
+        m = r.settings.method
+        under[m] = max(under.get(m, 0.0), round(max(shortfall, 0.0), 4))
+    abs_err = [abs(v) for v in alloc_err.values()]
     out["allocated_rel_error"] = {
         "max": max(abs_err),
         "median": round(statistics.median(abs_err), 4),
-        "per_record": errors,
+        "per_record": alloc_err,
     }
+    out["safety_margin"] = {**under, "default": max(under.values())}
     return out
 
 
@@ -122,4 +151,4 @@ def calibrate(results: Path = RESULTS_DIR, path: Path = CALIBRATION_FILE) -> dic
     return cal
 
 
-__all__ = ["fit", "write", "calibrate", "Overheads"]
+__all__ = ["fit", "write", "calibrate", "is_held_out", "_FALLBACK"]

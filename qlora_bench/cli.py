@@ -312,6 +312,24 @@ def cmd_results(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(a: argparse.Namespace) -> int:
+    from .results import load_records
+    from .validate import validate
+
+    records = [r for p in a.paths for r in load_records(p, kind="train")]
+    rows, summaries = validate(records)
+    if not rows:
+        raise InputError(f"no GPU records to validate in {', '.join(a.paths)}")
+    if a.json:
+        out = {"rows": [x.to_dict() for x in rows], "summary": {k: v.to_dict() for k, v in summaries.items()}}
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    from . import render
+
+    render.validation(rows, summaries)
+    return 0
+
+
 def _list(kind):
     def parse(text: str):
         items = [x.strip() for x in text.split(",") if x.strip()]
@@ -424,6 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--merge", metavar="OUT", help="write the joined records to OUT instead of printing")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_results)
+
+    sp = sub.add_parser("validate", help="estimate vs measurement for result records, with errors and false fits")
+    sp.add_argument(
+        "paths",
+        nargs="*",
+        default=[str(Path(__file__).resolve().parent.parent / "results")],
+        help="result .jsonl files or folders (default: the committed results/)",
+    )
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_validate)
 
     sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
     sp.add_argument("--json", action="store_true")

@@ -2,8 +2,9 @@
 
 What counts against the GPU is the estimator's device peak (what nvidia-smi would show for the process)
 without the paged optimizer states, which bitsandbytes allocates as CUDA managed memory that the driver can
-evict to host memory under pressure (slower, but not an OOM). The usable memory is the board's total minus what
-the driver itself uses on an idle GPU (calibrated from measurements).
+evict to host memory under pressure (slower, but not an OOM), plus a safety margin: the largest fraction by which
+the estimator under-predicted a measured device peak of that method (calibration.json), so that "fits" can be
+trusted. The usable memory is the board's total minus what the driver itself uses on an idle GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Plan:
     headroom_bytes: int
     max_batch: int
     max_seq: int
+    safety_margin: float = 0.0
     suggestions: list[Suggestion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -54,6 +56,8 @@ class Plan:
             "fits": self.fits,
             "verdict": self.verdict,
             "headroom_bytes": self.headroom_bytes,
+            "safety_margin": self.safety_margin,
+            "required_bytes": self.usable_bytes - self.headroom_bytes,
             "max_batch": self.max_batch,
             "max_seq": self.max_seq,
             "suggestions": [
@@ -74,8 +78,16 @@ def usable_bytes(gpu: GpuSpec) -> int:
     return gpu.memory_total_bytes - overheads().driver_idle
 
 
-def _fits(e: Estimate, usable: int) -> bool:
-    return e.resident_device_bytes <= usable
+def required_bytes(e: Estimate) -> int:
+    """What must be free on the GPU: resident device peak plus the method's calibrated safety margin."""
+    return round(e.resident_device_bytes * (1 + e.overheads.margin(e.settings.method)))
+
+
+def fits_with_margin(e: Estimate, usable: int) -> bool:
+    return required_bytes(e) <= usable
+
+
+_fits = fits_with_margin
 
 
 def fits(model: ModelSpec, s: Settings, usable: int) -> bool:
@@ -174,7 +186,7 @@ def sharded_device_bytes(e: Estimate, n: int) -> int:
 def gpus_if_sharded(e: Estimate, usable: int, most: int = 8) -> int:
     """Smallest GPU count (2..most) whose per-GPU share fits; 0 if none."""
     for n in range(2, most + 1):
-        if sharded_device_bytes(e, n) - e.paged_bytes // n <= usable:
+        if (sharded_device_bytes(e, n) - e.paged_bytes // n) * (1 + e.overheads.margin(e.settings.method)) <= usable:
             return n
     return 0
 
@@ -243,6 +255,7 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec) -> Plan:
     ok = _fits(e, usable)
     high_resident = e.device_high_bytes - e.paged_bytes
     verdict = "does not fit" if not ok else ("fits" if high_resident <= usable else "tight")
+    margin = e.overheads.margin(s.method)
     notes = []
     if gpu.count > 1:
         notes.append(
@@ -272,7 +285,8 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec) -> Plan:
         usable_bytes=usable,
         fits=ok,
         verdict=verdict,
-        headroom_bytes=usable - e.resident_device_bytes,
+        headroom_bytes=usable - required_bytes(e),
+        safety_margin=margin,
         max_batch=max_batch(model, s, usable),
         max_seq=max_seq(model, s, usable),
         notes=notes,

@@ -229,3 +229,61 @@ def results_table(records) -> None:
             f"{tps:,.0f}" if tps else "-",
         )
     console.print(t)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def validation(rows, summaries) -> None:
+    t = Table(title="estimate vs measurement (GiB; error = predicted / measured - 1)", title_justify="left")
+    for c in (
+        "record",
+        "set",
+        "alloc meas",
+        "alloc err",
+        "reserved meas",
+        "res err",
+        "device meas",
+        "dev err",
+        "static err",
+        "optim err",
+        "fit?",
+    ):
+        t.add_column(c, justify="left" if c in ("record", "set") else "right")
+    for x in rows:
+        m = x.measured
+        fit = (
+            "-" if x.fits_predicted is None else ("FALSE FIT" if x.false_fit else ("yes" if x.fits_predicted else "no"))
+        )
+        t.add_row(
+            x.record.id,
+            "held-out" if x.held_out else "fitted",
+            _gib_or_dash(m["peak_allocated_bytes"]),
+            _pct(x.error("peak_allocated_bytes")),
+            _gib_or_dash(m["peak_reserved_bytes"]),
+            _pct(x.error("peak_reserved_bytes")),
+            _gib_or_dash(m["peak_device_bytes"]),
+            _pct(x.error("peak_device_bytes")),
+            _pct(x.error("static_after_load_bytes")),
+            _pct(x.error("optimizer_state_bytes")),
+            fit,
+        )
+    console.print(t)
+    s = Table(title="summary (absolute errors)", title_justify="left")
+    for c in ("set", "n", "device median", "device worst", "allocated median", "allocated worst", "false fits"):
+        s.add_column(c, justify="left" if c == "set" else "right")
+    for name, sm in summaries.items():
+        if not sm.n:
+            continue
+        med, worst = sm.median_abs_error, sm.worst_abs_error
+        s.add_row(
+            name,
+            str(sm.n),
+            f"{med.get('peak_device_bytes', 0):.1%}",
+            f"{worst.get('peak_device_bytes', 0):.1%}",
+            f"{med.get('peak_allocated_bytes', 0):.1%}",
+            f"{worst.get('peak_allocated_bytes', 0):.1%}",
+            str(sm.false_fits),
+        )
+    console.print(s)

@@ -157,3 +157,19 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "qlora_bench", "plan", "--model", "1b", "--gpu", "t4"],
                          capture_output=True, text=True, check=True).stdout
     assert "llama-3.2-1b" in out and "no bf16" in out
+
+
+def test_validate_command(capsys):
+    code, out, _ = run(capsys, "validate")
+    assert code == 0 and "held-out" in out and "false fits" in out
+    code, out, _ = run(capsys, "validate", "--json")
+    d = json.loads(out)
+    assert d["summary"]["all"]["n"] == len(d["rows"]) >= 10
+    assert all(set(r["errors"]) >= {"peak_allocated_bytes", "peak_device_bytes", "static_after_load_bytes"}
+               for r in d["rows"])
+
+
+def test_validate_without_gpu_records_is_one_line(capsys, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    code, _, err = run(capsys, "validate", str(tmp_path / "empty.jsonl"))
+    _one_line_error(code, err, "no GPU records")

@@ -8,7 +8,7 @@ below are used only when that file is absent; each names its source.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -25,6 +25,8 @@ _FALLBACK = {
     "reserve_fraction": {"median": 0.0, "min": 0.0, "max": 0.0},
     "driver_idle_bytes": 0,
     "allocated_rel_error": {"max": 0.0},
+    "safety_margin": {"default": 0.0},
+    "fitted_on": [],
 }
 
 
@@ -44,6 +46,13 @@ class Overheads:
     allocated_rel_error: float  # worst relative error of the analytic allocated peak on the fitted records
     calibrated: bool
     source: str
+    # per method, the largest fraction by which the device peak was under-predicted on the fitted records:
+    # plan adds it before saying "fits"
+    safety_margin: dict = field(default_factory=dict)
+    fitted_on: tuple = ()
+
+    def margin(self, method: str) -> float:
+        return self.safety_margin.get(method, self.safety_margin.get("default", 0.0))
 
 
 @cache
@@ -71,4 +80,6 @@ def overheads() -> Overheads:
         allocated_rel_error=cal.get("allocated_rel_error", {}).get("max", 0.0),
         calibrated=calibrated,
         source=source,
+        safety_margin=cal.get("safety_margin", {"default": 0.0}),
+        fitted_on=tuple(cal.get("fitted_on", ())),
     )
