@@ -159,7 +159,10 @@ def test_console_script_runs():
     assert "llama-3.2-1b" in out and "no bf16" in out
 
 
-def test_validate_command(capsys):
+def test_validate_command(capsys, monkeypatch):
+    from qlora_bench import render
+
+    monkeypatch.setattr(render.console, "width", 220)
     code, out, _ = run(capsys, "validate")
     assert code == 0 and "held-out" in out and "false fits" in out
     code, out, _ = run(capsys, "validate", "--json")
