@@ -137,7 +137,72 @@ def fit(records: list[Record]) -> dict:
         "per_record": alloc_err,
     }
     out["safety_margin"] = {**under, "default": max(under.values())}
+    out["throughput"] = fit_throughput(recs)
     return out
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (tiny systems: no numpy in the base install)."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p] = m[p], m[c]
+        if abs(m[c][c]) < 1e-300:
+            raise ZeroDivisionError("singular system")
+        for r in range(n):
+            if r != c:
+                f = m[r][c] / m[c][c]
+                m[r] = [x - f * y for x, y in zip(m[r], m[c], strict=True)]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def nonneg_least_squares(rows: list[list[float]], target: list[float]) -> list[float]:
+    """min ||X b - y|| with b >= 0, by refitting without the columns that come out negative (3 columns)."""
+    active = [j for j in range(len(rows[0])) if any(r[j] for r in rows)]
+    while active:
+        ata = [[sum(r[i] * r[j] for r in rows) for j in active] for i in active]
+        aty = [sum(r[i] * y for r, y in zip(rows, target, strict=True)) for i in active]
+        sol = _solve(ata, aty)
+        if all(v >= 0 for v in sol):
+            out = [0.0] * len(rows[0])
+            for j, v in zip(active, sol, strict=True):
+                out[j] = v
+            return out
+        active = [j for j, v in zip(active, sol, strict=True) if v >= 0]
+    return [0.0] * len(rows[0])
+
+
+def fit_throughput(recs: list[Record]) -> dict:
+    """Step-time coefficients by least squares on relative errors (each record's regressors divided by its
+    measured median step time, fitted to 1), all non-negative and the FLOPs efficiency at most 1."""
+    from .estimate.throughput import ThroughputModel, features
+    from .profiles import gpu_from_device_name
+
+    rows, used = [], []
+    for r in recs:
+        gpu = gpu_from_device_name((r.data.get("environment") or {}).get("gpu_name"))
+        t = r.measured.get("step_seconds_median")
+        f = features(r.model_spec(), r.settings, gpu) if gpu else None
+        if f and t:
+            rows.append([x / t for x in f])
+            used.append((r, gpu, t))
+    if len(rows) < 3:
+        return {}
+    # efficiency <= 1 (nobody beats the dense peak): fit u = 1/efficiency - 1 >= 0 on what the ideal time leaves
+    target = [1.0 - row[0] for row in rows]
+    u, *rest = nonneg_least_squares(rows, target)
+    coef = [round(1.0 + u, 8), *(round(c, 8) for c in rest)]
+    model = ThroughputModel(*coef)
+    errors = {r.id: round(model.step_seconds(r.model_spec(), r.settings, gpu) / t - 1, 4) for r, gpu, t in used}
+    return {
+        "inv_flops_efficiency": coef[0],
+        "seconds_per_layer_full": coef[1],
+        "seconds_per_layer_adapters": coef[2],
+        "inv_bandwidth_efficiency": coef[3],
+        "fitted_on": sorted(errors),
+        "step_time_rel_error": errors,
+    }
 
 
 def write(cal: dict, path: Path = CALIBRATION_FILE) -> None:

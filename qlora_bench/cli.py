@@ -100,7 +100,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     model = resolve_model(a.model)
     gpu = resolve_gpu(a.gpu)
     methods = ["full", "lora", "qlora"] if a.method == "all" else [a.method]
-    plans = [plan(model, settings_from_args(a, m), gpu) for m in methods]
+    plans = [plan(model, settings_from_args(a, m), gpu, epoch_tokens=a.epoch_tokens) for m in methods]
     if a.json:
         out = [p.to_dict() for p in plans]
         print(json.dumps(out if a.method == "all" else out[0], indent=2))
@@ -391,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True, help=MODEL_HELP)
     sp.add_argument("--gpu", required=True, help="GPU profile (h100, rtx-4090) or size (48gb, 24GiB, 2x24gb)")
     add_settings_args(sp)
+    sp.add_argument(
+        "--epoch-tokens",
+        type=_positive_int,
+        default=100_000_000,
+        help="tokens in one epoch of your data, for the predicted time per epoch (default 100M)",
+    )
     sp.add_argument("--json", action="store_true", help="print JSON (a list for --method all)")
     sp.set_defaults(func=cmd_plan)
 

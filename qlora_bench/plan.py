@@ -42,6 +42,11 @@ class Plan:
     max_batch: int
     max_seq: int
     safety_margin: float = 0.0
+    tokens_per_sec: float | None = None  # predicted (None: GPU peak unknown, or no throughput calibration)
+    step_seconds: float | None = None
+    mfu: float | None = None
+    epoch_tokens: int = 100_000_000
+    epoch_seconds: float | None = None
     suggestions: list[Suggestion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -57,6 +62,11 @@ class Plan:
             "verdict": self.verdict,
             "headroom_bytes": self.headroom_bytes,
             "safety_margin": self.safety_margin,
+            "tokens_per_sec": self.tokens_per_sec,
+            "step_seconds": self.step_seconds,
+            "mfu": self.mfu,
+            "epoch_tokens": self.epoch_tokens,
+            "epoch_seconds": self.epoch_seconds,
             "required_bytes": self.usable_bytes - self.headroom_bytes,
             "max_batch": self.max_batch,
             "max_seq": self.max_seq,
@@ -249,7 +259,20 @@ def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, curren
     return out
 
 
-def plan(model: ModelSpec, s: Settings, gpu: GpuSpec) -> Plan:
+def _throughput(p: Plan, model: ModelSpec, s: Settings, gpu: GpuSpec) -> None:
+    from .estimate.throughput import mfu
+
+    tm = p.estimate.overheads.throughput_model()
+    if tm is None:
+        return
+    p.step_seconds = tm.step_seconds(model, s, gpu)
+    p.tokens_per_sec = tm.tokens_per_second(model, s, gpu)
+    if p.tokens_per_sec:
+        p.epoch_seconds = p.epoch_tokens / p.tokens_per_sec
+        p.mfu = mfu(model, s, gpu, p.tokens_per_sec)[0]
+
+
+def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_000_000) -> Plan:
     e = estimate(model, s)
     usable = usable_bytes(gpu)
     ok = _fits(e, usable)
@@ -291,6 +314,8 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec) -> Plan:
         max_seq=max_seq(model, s, usable),
         notes=notes,
     )
+    p.epoch_tokens = epoch_tokens
+    _throughput(p, model, s, gpu)
     if not ok or verdict == "tight":
         p.suggestions = suggestions(model, s, gpu, usable, e)
     return p

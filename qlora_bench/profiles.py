@@ -348,6 +348,16 @@ def _gpu_from_profile(name: str, count: int) -> GpuSpec:
     )
 
 
+def gpu_from_device_name(device_name: str | None) -> GpuSpec | None:
+    """The profile whose `device_name` is what torch / NVML report for this board (e.g. records' gpu_name)."""
+    if not device_name:
+        return None
+    for name, d in _gpu_profiles().items():
+        if d.get("device_name", "").lower() == device_name.lower():
+            return _gpu_from_profile(name, 1)
+    return None
+
+
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|g)$")
 
 

@@ -56,6 +56,7 @@ def plan(p: Plan) -> None:
         f"largest micro-batch at seq {s.seq}: [bold]{p.max_batch}[/bold] · "
         f"longest sequence at batch {s.batch}: [bold]{p.max_seq:,}[/bold]"
     )
+    console.print(_speed_line(p))
     if p.suggestions:
         title = "changes that would fit" if not p.fits else "changes that add headroom"
         st = Table(title=title, title_justify="left")
@@ -76,6 +77,22 @@ def plan(p: Plan) -> None:
         console.print(f"[dim]note:[/dim] {n}")
     if not e.overheads.calibrated:
         console.print("[yellow]note: overheads are uncalibrated literature defaults[/yellow]")
+
+
+def _duration(seconds: float) -> str:
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
+
+
+def _speed_line(p: Plan) -> str:
+    if p.tokens_per_sec is None:
+        why = "the GPU's peak TFLOP/s is unknown: name a GPU profile" if not p.gpu.dense_tflops else "uncalibrated"
+        return f"[dim]throughput: not predicted ({why})[/dim]"
+    return (
+        f"predicted ~{p.tokens_per_sec:,.0f} tokens/s ({p.step_seconds:.2f} s per step, MFU {p.mfu:.0%}); "
+        f"{p.epoch_tokens / 1e6:,.0f}M tokens in ~{_duration(p.epoch_seconds)} "
+        "[dim](fitted on H100 steps < 1 s: optimistic for long steps)[/dim]"
+    )
 
 
 def plans_side_by_side(plans: list[Plan]) -> None:
@@ -102,6 +119,7 @@ def plans_side_by_side(plans: list[Plan]) -> None:
     t.add_row("headroom", *(_g(p.headroom_bytes) for p in plans))
     t.add_row("verdict", *(f"[{_STYLE[p.verdict]}]{p.verdict}[/{_STYLE[p.verdict]}]" for p in plans))
     t.add_row("largest micro-batch", *(str(p.max_batch) for p in plans))
+    t.add_row("tokens/s (predicted)", *("-" if p.tokens_per_sec is None else f"{p.tokens_per_sec:,.0f}" for p in plans))
     t.add_row("longest sequence", *(f"{p.max_seq:,}" for p in plans))
     console.print(t)
     notes = []
@@ -237,8 +255,8 @@ def _pct(x) -> str:
 
 def validation(rows, summaries) -> None:
     t = Table(title="estimate vs measurement (GiB; error = predicted / measured - 1)", title_justify="left")
+    t.add_column("record", overflow="fold")
     for c in (
-        "record",
         "set",
         "alloc meas",
         "alloc err",
@@ -249,10 +267,14 @@ def validation(rows, summaries) -> None:
         "static err",
         "optim err",
         "fit?",
+        "tok/s meas",
+        "tok/s err",
+        "MFU",
+        "HFU",
     ):
-        t.add_column(c, justify="left" if c in ("record", "set") else "right")
+        t.add_column(c, justify="left" if c == "set" else "right")
     for x in rows:
-        m = x.measured
+        m, tp = x.measured, x.throughput
         fit = (
             "-" if x.fits_predicted is None else ("FALSE FIT" if x.false_fit else ("yes" if x.fits_predicted else "no"))
         )
@@ -268,22 +290,44 @@ def validation(rows, summaries) -> None:
             _pct(x.error("static_after_load_bytes")),
             _pct(x.error("optimizer_state_bytes")),
             fit,
+            f"{tp['tokens_per_sec']:,.0f}" if tp.get("tokens_per_sec") else "-",
+            _pct(tp.get("error")),
+            f"{tp['mfu']:.0%}" if tp.get("mfu") is not None else "-",
+            f"{tp['hfu']:.0%}" if tp.get("hfu") is not None else "-",
         )
     console.print(t)
     s = Table(title="summary (absolute errors)", title_justify="left")
-    for c in ("set", "n", "device median", "device worst", "allocated median", "allocated worst", "false fits"):
+    for c in (
+        "set",
+        "n",
+        "device median",
+        "device worst",
+        "allocated median",
+        "allocated worst",
+        "false fits",
+        "tok/s median",
+        "tok/s worst",
+        "steps >= 1 s",
+    ):
         s.add_column(c, justify="left" if c == "set" else "right")
     for name, sm in summaries.items():
         if not sm.n:
             continue
         med, worst = sm.median_abs_error, sm.worst_abs_error
+
+        def f(d, k):
+            return f"{d[k]:.1%}" if k in d else "-"
+
         s.add_row(
             name,
             str(sm.n),
-            f"{med.get('peak_device_bytes', 0):.1%}",
-            f"{worst.get('peak_device_bytes', 0):.1%}",
-            f"{med.get('peak_allocated_bytes', 0):.1%}",
-            f"{worst.get('peak_allocated_bytes', 0):.1%}",
+            f(med, "peak_device_bytes"),
+            f(worst, "peak_device_bytes"),
+            f(med, "peak_allocated_bytes"),
+            f(worst, "peak_allocated_bytes"),
             str(sm.false_fits),
+            f(med, "tokens_per_sec"),
+            f(worst, "tokens_per_sec"),
+            str(sm.long_step_records),
         )
     console.print(s)

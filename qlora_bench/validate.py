@@ -29,6 +29,7 @@ class Row:
     predicted: dict
     fits_predicted: bool | None
     false_fit: bool
+    throughput: dict = field(default_factory=dict)  # measured / predicted tokens/s, MFU, HFU, step seconds
 
     def error(self, key: str) -> float | None:
         m, p = self.measured.get(key), self.predicted.get(key)
@@ -45,6 +46,7 @@ class Row:
             "errors": {k: self.error(k) for k in self.predicted},
             "fits_predicted": self.fits_predicted,
             "false_fit": self.false_fit,
+            "throughput": self.throughput,
         }
 
 
@@ -100,7 +102,39 @@ def validate_record(r: Record, held_out: bool) -> Row:
     fits = fits_with_margin(e, usable_bytes(gpu)) if gpu else None
     oom = r.data.get("outcome") == "oom"
     over = bool(gpu and m.get("peak_device_bytes") and m["peak_device_bytes"] > usable_bytes(gpu))
-    return Row(r, e, held_out, measured, predicted, fits, false_fit=bool(fits and (oom or over)))
+    return Row(
+        r,
+        e,
+        held_out,
+        measured,
+        predicted,
+        fits,
+        false_fit=bool(fits and (oom or over)),
+        throughput=throughput_row(r, e),
+    )
+
+
+def throughput_row(r: Record, e: Estimate) -> dict:
+    """Measured and predicted tokens/s, and the measured MFU / HFU, on the record's GPU profile."""
+    from .estimate.throughput import mfu
+    from .profiles import gpu_from_device_name
+
+    gpu = gpu_from_device_name((r.data.get("environment") or {}).get("gpu_name"))
+    tps = r.measured.get("tokens_per_sec")
+    if not gpu or not tps:
+        return {}
+    tm = e.overheads.throughput_model()
+    pred = tm.tokens_per_second(e.model, e.settings, gpu) if tm else None
+    util = mfu(e.model, e.settings, gpu, tps)
+    return {
+        "gpu_profile": gpu.name,
+        "tokens_per_sec": tps,
+        "tokens_per_sec_predicted": None if pred is None else round(pred, 1),
+        "error": None if pred is None else round(pred / tps - 1, 4),
+        "step_seconds": r.measured.get("step_seconds_median"),
+        "mfu": None if util is None else round(util[0], 4),
+        "hfu": None if util is None else round(util[1], 4),
+    }
 
 
 def validate(records: list[Record]) -> tuple[list[Row], dict[str, Summary]]:
@@ -117,6 +151,18 @@ def validate(records: list[Record]) -> tuple[list[Row], dict[str, Summary]]:
 
 def summarize(rows: list[Row]) -> Summary:
     s = Summary(n=len(rows), false_fits=sum(x.false_fit for x in rows))
+    tput = [abs(x.throughput["error"]) for x in rows if x.throughput.get("error") is not None]
+    long = [
+        abs(x.throughput["error"])
+        for x in rows
+        if x.throughput.get("error") is not None and (x.throughput.get("step_seconds") or 0) >= 1.0
+    ]
+    if tput:
+        s.median_abs_error["tokens_per_sec"] = round(statistics.median(tput), 4)
+        s.worst_abs_error["tokens_per_sec"] = round(max(tput), 4)
+    s.long_step_records = len(long)
+    if long:
+        s.worst_abs_error["tokens_per_sec_long_steps"] = round(max(long), 4)
     for key in (*PEAKS, *STATIC):
         errs = [abs(x.error(key)) for x in rows if x.error(key) is not None]
         if errs:

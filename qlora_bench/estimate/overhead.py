@@ -50,6 +50,12 @@ class Overheads:
     # plan adds it before saying "fits"
     safety_margin: dict = field(default_factory=dict)
     fitted_on: tuple = ()
+    throughput: dict = field(default_factory=dict)  # fitted step-time coefficients (throughput.py)
+
+    def throughput_model(self):
+        from .throughput import ThroughputModel
+
+        return ThroughputModel.from_calibration(self.throughput)
 
     def margin(self, method: str) -> float:
         return self.safety_margin.get(method, self.safety_margin.get("default", 0.0))
@@ -82,4 +88,5 @@ def overheads() -> Overheads:
         source=source,
         safety_margin=cal.get("safety_margin", {"default": 0.0}),
         fitted_on=tuple(cal.get("fitted_on", ())),
+        throughput=cal.get("throughput", {}),
     )
