@@ -330,6 +330,19 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("report needs matplotlib: pip install 'qlora-bench[report]'")
+    from .report import build_report
+
+    written = build_report([Path(p) for p in a.paths], Path(a.out))
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
 def _list(kind):
     def parse(text: str):
         items = [x.strip() for x in text.split(",") if x.strip()]
@@ -458,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("report", help="Markdown + self-contained HTML report of estimates vs measurements")
+    sp.add_argument("paths", nargs="*", default=["results"], help="result files or folders (default results/)")
+    sp.add_argument("-o", "--out", default="report", help="output folder (default report/)")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
     sp.add_argument("--json", action="store_true")

@@ -1,0 +1,192 @@
+"""The report's tables, as plain rows (lists of dicts), computed from records, validation and the estimator."""
+
+from __future__ import annotations
+
+from ..estimate.overhead import overheads
+from ..plan import plan
+from ..profiles import resolve_gpu, resolve_model
+from ..results import Record
+from ..settings import DEFAULT_OPTIMIZER, Settings
+from ..units import GiB
+from ..validate import validate
+
+FEASIBILITY_MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-2-13b", "qwen2.5-32b", "llama-3.1-70b")
+FEASIBILITY_GPUS = ("t4", "rtx-4090", "rtx-a6000", "a100-80gb", "h200")
+METHODS = ("full", "lora", "qlora")
+
+
+def gib(n) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def error_table(rows) -> list[dict]:
+    out = []
+    for x in sorted(rows, key=lambda r: r.record.id):
+        m, tp = x.measured, x.throughput
+        out.append(
+            {
+                "configuration": x.record.id,
+                "set": "held-out" if x.held_out else "fitted",
+                "allocated GiB": gib(m["peak_allocated_bytes"]),
+                "allocated err": pct(x.error("peak_allocated_bytes")),
+                "device GiB": gib(m["peak_device_bytes"]),
+                "predicted GiB": gib(x.predicted["peak_device_bytes"]),
+                "device err": pct(x.error("peak_device_bytes")),
+                "static err": pct(x.error("static_after_load_bytes")),
+                "tokens/s": f"{tp['tokens_per_sec']:,.0f}" if tp.get("tokens_per_sec") else "-",
+                "predicted tokens/s": f"{tp['tokens_per_sec_predicted']:,.0f}"
+                if tp.get("tokens_per_sec_predicted")
+                else "-",
+                "MFU": f"{tp['mfu']:.1%}" if tp.get("mfu") is not None else "-",
+                "HFU": f"{tp['hfu']:.1%}" if tp.get("hfu") is not None else "-",
+            }
+        )
+    return out
+
+
+def summary_table(summaries) -> list[dict]:
+    out = []
+    for name, s in summaries.items():
+        if not s.n:
+            continue
+        med, worst = s.median_abs_error, s.worst_abs_error
+        out.append(
+            {
+                "records": name,
+                "n": str(s.n),
+                "device median": f"{med.get('peak_device_bytes', 0):.1%}",
+                "device worst": f"{worst.get('peak_device_bytes', 0):.1%}",
+                "allocated median": f"{med.get('peak_allocated_bytes', 0):.1%}",
+                "allocated worst": f"{worst.get('peak_allocated_bytes', 0):.1%}",
+                "false fits": str(s.false_fits),
+                "tokens/s median": f"{med['tokens_per_sec']:.1%}" if "tokens_per_sec" in med else "-",
+                "tokens/s worst": f"{worst['tokens_per_sec']:.1%}" if "tokens_per_sec" in worst else "-",
+            }
+        )
+    return out
+
+
+def feasibility_table() -> list[dict]:
+    """Estimator only: for each model x GPU x method at 2048 tokens, the largest micro-batch that fits."""
+    out = []
+    for name in FEASIBILITY_MODELS:
+        model = resolve_model(name)
+        row = {"model": name, "params": f"{model.total_params / 1e9:.1f} B"}
+        for g in FEASIBILITY_GPUS:
+            gpu = resolve_gpu(g)
+            cells = []
+            for method in METHODS:
+                p = plan(model, Settings(method=method, optimizer=DEFAULT_OPTIMIZER[method]), gpu)
+                cells.append(f"{method[0].upper()}:{p.max_batch}" if p.fits else f"{method[0].upper()}:-")
+            row[g] = " ".join(cells)
+        out.append(row)
+    return out
+
+
+def environment_table(records: list[Record]) -> list[dict]:
+    seen = {}
+    for r in records:
+        env = r.data.get("environment") or {}
+        v = env.get("versions") or {}
+        prov = r.data.get("provenance") or {}
+        key = (str(r.path.name), env.get("gpu_name"), env.get("driver"))
+        seen.setdefault(
+            key,
+            {
+                "results file": str(r.path.name),
+                "GPU": env.get("gpu_name") or "-",
+                "driver": env.get("driver") or "-",
+                "torch": v.get("torch") or "-",
+                "transformers": v.get("transformers") or "-",
+                "peft": v.get("peft") or "-",
+                "bitsandbytes": v.get("bitsandbytes") or "-",
+                "commit": env.get("git_commit") or prov.get("source") or "-",
+                "records": 0,
+            },
+        )["records"] += 1
+    return [{**d, "records": str(d["records"])} for _, d in sorted(seen.items())]
+
+
+def calibration_table() -> list[dict]:
+    ov = overheads()
+    t = ov.throughput
+    rows = [
+        ("CUDA context + libraries", gib(ov.cuda_context) + " GiB"),
+        ("bitsandbytes runtime", gib(ov.bnb_runtime) + " GiB"),
+        ("cuBLAS workspace", gib(ov.cublas_workspace) + " GiB"),
+        ("driver idle use", gib(ov.driver_idle) + " GiB"),
+        (
+            "allocator slack (fraction of dynamic memory)",
+            f"{ov.reserve_fraction:.3f} ({ov.reserve_fraction_low:.3f}-{ov.reserve_fraction_high:.3f})",
+        ),
+        ("safety margin per method", ", ".join(f"{k} {v:.1%}" for k, v in sorted(ov.safety_margin.items()))),
+        (
+            "matmul efficiency",
+            (
+                f"{1 / t['inv_flops_efficiency']:.0%}"
+                + (" (at its bound: steps < 1 s cannot identify it)" if t.get("inv_flops_efficiency") == 1.0 else "")
+            )
+            if t.get("inv_flops_efficiency")
+            else "-",
+        ),
+        (
+            "per-layer step overhead (full / adapters)",
+            f"{t.get('seconds_per_layer_full', 0) * 1e3:.1f} / {t.get('seconds_per_layer_adapters', 0) * 1e3:.1f} ms",
+        ),
+        (
+            "dequantization bandwidth efficiency",
+            f"{1 / t['inv_bandwidth_efficiency']:.0%}" if t.get("inv_bandwidth_efficiency") else "-",
+        ),
+        ("fitted on / held out", f"{len(ov.fitted_on)} records / the rest"),
+    ]
+    return [{"constant": k, "value": v} for k, v in rows]
+
+
+def breakdown_series(rows) -> list[dict]:
+    """Per measured configuration, estimated and measured memory in the same five stacks (GiB)."""
+    out = []
+    for x in sorted(rows, key=lambda r: r.record.id):
+        e, m = x.estimate, x.record.measured
+        ph = e.phases[e.peak_phase]
+        static_e = sum(ph.get(k, 0) for k in ("weights_4bit", "quant_constants", "weights_dense", "lora_adapters"))
+        opt_e = ph.get("optimizer_states", 0)
+        static_m = (m.get("mem_after_load") or {}).get("allocated") or 0
+        opt_m = (m.get("optimizer_state_bytes") or 0) - (m.get("optimizer_state_paged_bytes") or 0)
+        out.append(
+            {
+                "label": x.record.id.replace("/adamw_torch_fused", "").replace("/paged_adamw_8bit", ""),
+                "estimated": [
+                    static_e,
+                    opt_e,
+                    e.peak_allocated_bytes - static_e - opt_e,
+                    e.peak_reserved_bytes - e.peak_allocated_bytes,
+                    e.peak_device_bytes - e.peak_reserved_bytes,
+                ],
+                "measured": [
+                    static_m,
+                    opt_m,
+                    m["peak_allocated_bytes"] - static_m - opt_m,
+                    m["peak_reserved_bytes"] - m["peak_allocated_bytes"],
+                    m["peak_device_bytes"] - m["peak_reserved_bytes"],
+                ],
+            }
+        )
+    return out
+
+
+def collect(records: list[Record]) -> dict:
+    rows, summaries = validate(records)
+    ok_rows = [x for x in rows if x.record.ok]
+    return {
+        "rows": ok_rows,
+        "errors": error_table(ok_rows),
+        "summary": summary_table(summaries),
+        "feasibility": feasibility_table(),
+        "environment": environment_table([x.record for x in ok_rows]),
+        "calibration": calibration_table(),
+        "breakdown": breakdown_series(ok_rows),
+    }

@@ -1,0 +1,163 @@
+"""Write the report: Markdown (README.md + PNGs) and one self-contained HTML file with the plots embedded."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from ..results import REPO_ROOT, load_records
+from . import plots
+from .claims import claims
+from .data import FEASIBILITY_GPUS, collect
+
+TARGETS = (
+    ("device peak, median absolute error", "peak_device_bytes", "median", 0.05),
+    ("device peak, worst absolute error", "peak_device_bytes", "worst", 0.10),
+)
+
+
+def _rel(p: Path) -> str:
+    p = Path(p).resolve()
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else p.name
+
+
+def md_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_(none)_\n"
+    cols = list(rows[0])
+
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def html_table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p><em>(none)</em></p>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _targets(validation) -> list[dict]:
+    rows = validation["rows"]
+    from ..validate import summarize
+
+    s = summarize(rows)
+    out = []
+    for label, key, which, limit in TARGETS:
+        v = (s.median_abs_error if which == "median" else s.worst_abs_error).get(key)
+        out.append(
+            {
+                "target": f"{label} <= {limit:.0%}",
+                "measured": f"{v:.1%}" if v is not None else "-",
+                "met": "yes" if v is not None and v <= limit else "no",
+            }
+        )
+    out.append({"target": "false fits = 0", "measured": str(s.false_fits), "met": "yes" if not s.false_fits else "no"})
+    long = s.worst_abs_error.get("tokens_per_sec_long_steps")
+    out.append(
+        {
+            "target": "tokens/s within 15% for steps >= 1 s",
+            "measured": f"{long:.1%}" if long is not None else "no such steps measured",
+            "met": "untested" if long is None else ("yes" if long <= 0.15 else "no"),
+        }
+    )
+    return out
+
+
+def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
+    records = [r for p in inputs for r in load_records(p, kind="train")]
+    data = collect(records)
+    if not data["rows"]:
+        from ..errors import InputError
+
+        raise InputError(f"no GPU records in {', '.join(map(str, inputs))}: nothing to report")
+    figures = {
+        "predicted-vs-measured.png": (
+            "Predicted vs measured peak device memory; the bands are ±5 % and ±10 %.",
+            plots.predicted_vs_measured(data["rows"]),
+        ),
+        "memory-breakdown.png": (
+            "Peak device memory by part, estimated (plain) and measured (hatched).",
+            plots.breakdown(data["breakdown"]),
+        ),
+        "throughput.png": (
+            "Tokens/s measured and predicted with MFU, and tokens/s against peak memory.",
+            plots.throughput(data["rows"]),
+        ),
+    }
+    sections = [
+        ("Accuracy against the targets", _targets(data), None),
+        ("Summary of errors (fitted vs held-out records)", data["summary"], None),
+        ("Predicted vs measured", data["errors"], "predicted-vs-measured.png"),
+        ("Memory breakdown per configuration", None, "memory-breakdown.png"),
+        ("Throughput, MFU and the memory / throughput trade-off", None, "throughput.png"),
+        ("Feasibility matrix (estimator)", data["feasibility"], None),
+        ("What the guides claim", claims(records), None),
+        ("Calibration constants (fitted by `qlora-bench calibrate`)", data["calibration"], None),
+        ("Where the measurements come from", data["environment"], None),
+    ]
+    notes = {
+        "Feasibility matrix (estimator)": (
+            "Largest micro-batch at 2048 tokens that fits, per method: F = full (fused AdamW), L = LoRA r=16 (fused "
+            "AdamW), Q = QLoRA r=16 (NF4 + double quant, paged 8-bit AdamW), all with gradient checkpointing; `-` "
+            f"means it does not fit even at batch 1. GPUs: {', '.join(FEASIBILITY_GPUS)}."
+        ),
+        "Predicted vs measured": (
+            "Errors are predicted / measured - 1. `static` compares memory after load and adapter wrap with the "
+            "estimator's weights + quantization constants + adapters. MFU counts useful FLOPs, HFU adds "
+            "recomputation, both against the GPU's dense bf16 peak."
+        ),
+    }
+    inputs_md = ", ".join(f"`{_rel(p)}`" for p in inputs)
+    title = "qlora-bench report"
+    intro = (
+        f"Generated by `qlora-bench report` from {len(records)} records in {inputs_md}. "
+        "Regenerate with the same command; the output is byte-for-byte the same for the same inputs."
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}\n\n", intro + "\n"]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    for heading, rows, fig in sections:
+        md.append(f"\n## {heading}\n\n")
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        if heading in notes:
+            md.append(notes[heading] + "\n")
+            body.append(f"<p>{html.escape(notes[heading])}</p>")
+        if fig:
+            caption, png = figures[fig]
+            md.append(f"\n![{caption}]({fig})\n")
+            b64 = base64.b64encode(png).decode()
+            body.append(
+                f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(caption)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+        if rows is not None:
+            md.append("\n" + md_table(rows))
+            body.append(html_table(rows))
+    written = []
+    for name, (_, png) in figures.items():
+        (out_dir / name).write_bytes(png)
+        written.append(out_dir / name)
+    (out_dir / "README.md").write_text("".join(m if m.endswith("\n") else m + "\n" for m in md))
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:3px 6px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+        "img{max-width:100%}figcaption{font-size:12px;color:#555}"
+    )
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+    (out_dir / "report.html").write_text(page)
+    written += [out_dir / "README.md", out_dir / "report.html"]
+    return written
