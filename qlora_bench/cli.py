@@ -184,18 +184,24 @@ def _run_options(a: argparse.Namespace):
     )
 
 
+def slug_for(gpu_name: str | None) -> str:
+    """Folder / file name for a GPU model: 'h100' for 'NVIDIA H100 80GB HBM3', 'geforce-rtx-4090', or 'cpu'."""
+    if not gpu_name:
+        return "cpu"
+    words = gpu_name.lower().replace("nvidia", "").split()
+    return words[0] if words and words[0] in ("h100", "h200", "b200", "gh200") else "-".join(words)
+
+
 def gpu_slug() -> str:
-    """Folder name for results of the GPU in this machine ('h100', 'geforce-rtx-4090'), or 'cpu'."""
+    """slug_for() the GPU in this machine (NVML), or 'cpu'."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-        name = name.decode() if isinstance(name, bytes) else name
+        return slug_for(name.decode() if isinstance(name, bytes) else name)
     except Exception:
         return "cpu"
-    words = name.lower().replace("nvidia", "").split()
-    return words[0] if words and words[0] in ("h100", "h200", "b200", "gh200") else "-".join(words)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -343,6 +349,32 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import Tolerances, compare, load_side
+
+    cmp = compare(
+        load_side(Path(a.new)),
+        load_side(Path(a.baseline)),
+        Tolerances(memory=a.memory_tolerance, throughput=a.throughput_tolerance),
+        allow_missing=a.allow_missing,
+    )
+    if a.json:
+        print(json.dumps(cmp.to_dict(), indent=2, sort_keys=True))
+    else:
+        from . import render
+
+        render.comparison(cmp)
+    return 1 if cmp.failed else 0
+
+
+def cmd_baseline(a: argparse.Namespace) -> int:
+    from .compare import update_baseline
+
+    dest = update_baseline(Path(a.results), Path(a.out) if a.out else None, allow_dirty=a.allow_dirty)
+    print(f"wrote {dest}")
+    return 0
+
+
 def _list(kind):
     def parse(text: str):
         items = [x.strip() for x in text.split(",") if x.strip()]
@@ -476,6 +508,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="*", default=["results"], help="result files or folders (default results/)")
     sp.add_argument("-o", "--out", default="report", help="output folder (default report/)")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("compare", help="compare results with a baseline: exit 1 on a memory or throughput regression")
+    sp.add_argument("new", help="new results (.jsonl file or folder) or a baseline .json")
+    sp.add_argument("baseline", help="baseline .json (results/baselines/<gpu>.json) or results to compare with")
+    sp.add_argument("--memory-tolerance", type=float, default=0.02, help="allowed growth of a peak (default 0.02)")
+    sp.add_argument(
+        "--throughput-tolerance",
+        type=float,
+        default=0.05,
+        help="allowed drop of tokens/s beyond the measured spread (default 0.05)",
+    )
+    sp.add_argument("--allow-missing", action="store_true", help="configurations missing from the new results pass")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("baseline", help="baselines for regression checks")
+    bsub = sp.add_subparsers(dest="baseline_command", required=True, parser_class=_Parser)
+    bp = bsub.add_parser("update", help="write results/baselines/<gpu>.json from results (clean tree only)")
+    bp.add_argument("results", help="result .jsonl file or folder of one GPU model")
+    bp.add_argument("--out", help="destination (default results/baselines/<gpu>.json)")
+    bp.add_argument("--allow-dirty", action="store_true", help="allow uncommitted changes (records commit-dirty)")
+    bp.set_defaults(func=cmd_baseline)
 
     sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
     sp.add_argument("--json", action="store_true")

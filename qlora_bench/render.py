@@ -331,3 +331,56 @@ def validation(rows, summaries) -> None:
             str(sm.long_step_records),
         )
     console.print(s)
+
+
+def comparison(cmp) -> None:
+    """One row per configuration: the change of each metric, coloured by its status, and the worst status."""
+    style = {
+        "regression": "bold red",
+        "missing": "bold red",
+        "improved": "green",
+        "within noise": "yellow",
+        "new": "cyan",
+        "ok": "",
+    }
+    rank = ["ok", "new", "improved", "within noise", "missing", "regression"]
+    short = {
+        "peak_allocated_bytes": "allocated",
+        "peak_reserved_bytes": "reserved",
+        "peak_device_bytes": "device",
+        "tokens_per_sec": "tokens/s",
+    }
+    by_config: dict[str, dict] = {}
+    for c in cmp.changes:
+        by_config.setdefault(c.config, {})[c.metric] = c
+    t = Table(title=f"changes against the baseline ({cmp.gpu})", title_justify="left")
+    t.add_column("configuration", overflow="fold")
+    for name in short.values():
+        t.add_column(name, justify="right")
+    t.add_column("status")
+    for config, metrics in by_config.items():
+        cells = []
+        for key in short:
+            c = metrics.get(key)
+            if c is None or c.change is None:
+                cells.append("-")
+            else:
+                st = style.get(c.status) or "dim"
+                cells.append(f"[{st}]{c.change:+.1%}[/{st}]")
+        worst = max(metrics.values(), key=lambda c: rank.index(c.status)).status
+        st = style.get(worst) or "dim"
+        t.add_row(config, *cells, f"[{st}]{worst}[/{st}]")
+    console.print(t)
+    tol = {c.metric: c.tolerance for c in cmp.changes if c.tolerance is not None}
+    if tol:
+        console.print(
+            "[dim]tolerances: memory +{:.1%}; tokens/s -{:.1%} or the measured spread, whichever is "
+            "larger[/dim]".format(
+                tol.get("peak_device_bytes", 0),
+                min((c.tolerance for c in cmp.changes if c.metric == "tokens_per_sec" and c.tolerance), default=0),
+            )
+        )
+    for lib, (old, new) in cmp.version_differences.items():
+        console.print(f"[yellow]note:[/yellow] {lib} {old} -> {new} (library versions differ from the baseline)")
+    n = len(cmp.regressions)
+    console.print(f"[bold red]FAILED: {n} regression(s)[/bold red]" if n else "[bold green]no regression[/bold green]")

@@ -3,6 +3,30 @@ import pytest
 from qlora_bench.profiles import resolve_model
 
 
+def pytest_addoption(parser):
+    g = parser.getgroup("qlora-bench GPU benchmarks")
+    g.addoption("--compare-baseline", default=None,
+                help="after the GPU benchmarks, compare their records with this baseline (results/baselines/"
+                     "<gpu>.json) and fail on a regression")
+    g.addoption("--bench-results", default=None, help="append the GPU benchmark records to this .jsonl")
+    g.addoption("--memory-tolerance", type=float, default=0.02)
+    g.addoption("--throughput-tolerance", type=float, default=0.05)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """pytest-benchmark does not know the GPU: add it (and the library versions) to its machine info."""
+    from qlora_bench.run.probes import try_nvml, versions
+
+    nv = try_nvml()
+    if nv is not None:
+        import pynvml
+
+        name = pynvml.nvmlDeviceGetName(nv.handle)
+        machine_info["gpu"] = {"name": name.decode() if isinstance(name, bytes) else name,
+                               "memory_total_bytes": nv.total(), "driver": nv.driver()}
+    machine_info["qlora_bench_versions"] = versions()
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip cleanly without CUDA (torch may not even be installed)."""
     try:

@@ -17,3 +17,11 @@ def test_bench_plan_70b_48gb(benchmark):
     assert p.verdict == "does not fit"
     # the front door must answer in well under a second
     assert benchmark.stats["mean"] < 0.25
+
+
+def test_bench_load_and_validate_committed_results(benchmark):
+    from qlora_bench.results import RESULTS_DIR, load_records
+    from qlora_bench.validate import validate
+
+    rows, summaries = benchmark(lambda: validate(load_records(RESULTS_DIR)))
+    assert summaries["all"].n >= 10
