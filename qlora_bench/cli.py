@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError
@@ -111,6 +112,78 @@ def cmd_plan(a: argparse.Namespace) -> int:
         render.plans_side_by_side(plans)
     else:
         render.plan(plans[0])
+    return 0
+
+
+def infer_plan(model, s: Settings, gpu, inf) -> dict:
+    """Every serving mode for one model / adapter / workload on one GPU, plus the merge and the adapter size."""
+    from .estimate.inference import MODES, adapter_bytes, adapter_file_bytes, estimate_inference, merge_peak
+    from .plan import usable_bytes
+
+    usable = usable_bytes(gpu)
+    modes = []
+    for mode in MODES:
+        e = estimate_inference(model, s, inf, mode)
+        lo, hi = 0, 1
+        while hi <= 4096 and estimate_inference(model, s, replace(inf, batch=hi), mode).peak_device_bytes <= usable:
+            lo, hi = hi, hi * 2
+        modes.append({**e.to_dict(), "fits": e.peak_device_bytes <= usable, "max_batch": lo})
+    m = merge_peak(model, s, usable)
+    return {
+        "model": model.name,
+        "gpu": gpu.label,
+        "gpu_memory_bytes": gpu.memory_total_bytes,
+        "usable_bytes": usable,
+        "settings": s.to_dict(),
+        "serving": {k: getattr(inf, k) for k in ("batch", "context", "prompt", "adapters", "kv_dtype")},
+        "modes": modes,
+        "adapter": {
+            "params": adapter_bytes(model, s) // 4,
+            "memory_bytes": adapter_bytes(model, s),
+            "file_bytes": adapter_file_bytes(model, s),
+        },
+        "merge": {
+            "peak_bytes": m.peak_bytes,
+            "components": m.components,
+            "fits_gpu": m.fits_gpu,
+            "path": "GPU" if m.fits_gpu else "CPU (needs this much host RAM)",
+            "merged_file_bytes": m.merged_file_bytes,
+        },
+    }
+
+
+def cmd_infer(a: argparse.Namespace) -> int:
+    from .estimate.inference import InferSettings
+    from .profiles import resolve_gpu, resolve_model
+
+    model, gpu = resolve_model(a.model), resolve_gpu(a.gpu)
+    s = Settings(rank=a.rank, alpha=a.alpha, targets=a.targets).validated()
+    if a.context < a.prompt:
+        raise InputError(f"--context {a.context} must hold the prompt ({a.prompt} tokens) and what is generated")
+    out = infer_plan(
+        model, s, gpu, InferSettings(batch=a.batch, context=a.context, prompt=a.prompt, adapters=a.adapters)
+    )
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    from . import render
+
+    render.inference(out)
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    _need_train_extra()
+    from .run.merge import merge_adapter
+
+    for path, what in ((a.adapter, "--adapter"),):
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise InputError(f"{what} {path}: no adapter_config.json there (a folder saved by peft's save_pretrained)")
+    info = merge_adapter(a.base, a.adapter, a.out, device=a.device, dtype=a.dtype)
+    print(
+        f"merged into {info['out']}: {info['params']:,} parameters, {info['bytes'] / 1e9:.2f} GB in "
+        f"{', '.join(info['files'])}; reloads with transformers alone"
+    )
     return 0
 
 
@@ -530,6 +603,38 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--out", help="destination (default results/baselines/<gpu>.json)")
     bp.add_argument("--allow-dirty", action="store_true", help="allow uncommitted changes (records commit-dirty)")
     bp.set_defaults(func=cmd_baseline)
+
+    sp = sub.add_parser(
+        "infer",
+        help="inference memory after fine-tuning: 16-bit, 4-bit + adapters, merged; merge",
+        description="Serving memory of the four deployment modes (16-bit base, 4-bit base with N "
+        "unmerged adapters, merged 16-bit, merged re-quantized to 4-bit) with the KV "
+        "cache, the memory of the merge itself, and the adapter's size.",
+    )
+    sp.add_argument("--model", required=True, help=MODEL_HELP)
+    sp.add_argument("--gpu", required=True, help="GPU profile (h100, rtx-4090) or size (48gb, 24GiB)")
+    sp.add_argument("--batch", type=_positive_int, default=1, help="concurrent sequences (default 1)")
+    sp.add_argument("--context", type=_positive_int, default=4096, help="tokens per sequence in the KV cache")
+    sp.add_argument("--prompt", type=_positive_int, default=2048, help="tokens in one prefill (default 2048)")
+    sp.add_argument("--adapters", type=_positive_int, default=1, help="adapters loaded at once (default 1)")
+    sp.add_argument("--rank", type=_positive_int, default=16)
+    sp.add_argument("--alpha", type=float, default=32)
+    sp.add_argument("--targets", default="all-linear")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_infer)
+
+    sp = sub.add_parser(
+        "merge",
+        help="merge a LoRA/QLoRA adapter into its 16-bit base and save safetensors",
+        description="Load the base in 16-bit, apply the adapter, merge_and_unload, save as "
+        "safetensors and reload with plain transformers.",
+    )
+    sp.add_argument("--base", required=True, help="base model folder (or hub id when online)")
+    sp.add_argument("--adapter", required=True, help="adapter folder saved by peft (adapter_config.json)")
+    sp.add_argument("--out", required=True, help="output folder for the merged model")
+    sp.add_argument("--device", default="cpu", help="cpu (default) or cuda: see `qlora-bench infer` for the peak")
+    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    sp.set_defaults(func=cmd_merge)
 
     sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
     sp.add_argument("--json", action="store_true")

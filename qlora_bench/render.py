@@ -384,3 +384,50 @@ def comparison(cmp) -> None:
         console.print(f"[yellow]note:[/yellow] {lib} {old} -> {new} (library versions differ from the baseline)")
     n = len(cmp.regressions)
     console.print(f"[bold red]FAILED: {n} regression(s)[/bold red]" if n else "[bold green]no regression[/bold green]")
+
+
+def inference(d: dict) -> None:
+    sv = d["serving"]
+    console.print(
+        f"[bold]{d['model']} serving on {d['gpu']}[/bold] ({_g(d['usable_bytes'])} GiB usable) · batch "
+        f"{sv['batch']} x {sv['context']:,} tokens of context · prefill {sv['prompt']:,} · "
+        f"{sv['adapters']} adapter(s)"
+    )
+    from .estimate.inference import MODE_LABELS
+
+    t = Table()
+    t.add_column("GiB")
+    for m in d["modes"]:
+        t.add_column(MODE_LABELS[m["mode"]], justify="right")
+    order = ["weights_16bit", "weights_4bit", "quant_constants", "adapters", "kv_cache", "working_set",
+             "cublas_workspace", "allocator_reserve", "cuda_context"]
+    keys = [k for k in order if any(k in m["components"] for m in d["modes"])]
+    names = {
+        "weights_16bit": "16-bit weights",
+        "weights_4bit": "4-bit weights",
+        "quant_constants": "quantization constants",
+        "adapters": "adapters (fp32)",
+        "kv_cache": "KV cache",
+        "working_set": "prefill working set",
+        "cublas_workspace": "cuBLAS workspace",
+        "allocator_reserve": "allocator cache",
+        "cuda_context": "CUDA context + libraries",
+    }
+    for k in keys:
+        t.add_row(names.get(k, k), *(_g(m["components"].get(k, 0)) for m in d["modes"]))
+    t.add_section()
+    t.add_row("[bold]device peak[/bold]", *(f"[bold]{_g(m['peak_device_bytes'])}[/bold]" for m in d["modes"]))
+    t.add_row("fits", *(("[green]yes[/green]" if m["fits"] else "[red]no[/red]") for m in d["modes"]))
+    t.add_row("largest batch", *(str(m["max_batch"]) for m in d["modes"]))
+    console.print(t)
+    a, mg = d["adapter"], d["merge"]
+    console.print(
+        f"adapter: {a['params'] / 1e6:,.1f} M parameters, {_g(a['memory_bytes'])} GiB in memory (fp32), "
+        f"{a['file_bytes'] / 1e6:,.0f} MB on disk"
+    )
+    console.print(
+        f"merge (16-bit base + adapter, merge_and_unload): peak {_g(mg['peak_bytes'])} GiB -> "
+        f"{mg['path']}; merged checkpoint {mg['merged_file_bytes'] / 1e9:,.1f} GB"
+    )
+    for n in d["modes"][0]["notes"]:
+        console.print(f"[dim]note:[/dim] {n}")

@@ -176,3 +176,14 @@ def test_validate_without_gpu_records_is_one_line(capsys, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     code, _, err = run(capsys, "validate", str(tmp_path / "empty.jsonl"))
     _one_line_error(code, err, "no GPU records")
+
+
+def test_infer_command(capsys):
+    code, out, _ = run(capsys, "infer", "--model", "8b", "--gpu", "24gb", "--adapters", "4", "--json")
+    d = json.loads(out)
+    assert code == 0 and [m["mode"] for m in d["modes"]] == ["base16", "adapters4", "merged16", "merged4"]
+    assert d["merge"]["path"] == "GPU" and d["adapter"]["params"] == 41_943_040
+    code, out, _ = run(capsys, "infer", "--model", "70b", "--gpu", "48gb")
+    assert code == 0 and "CPU" in out and "KV cache" in out
+    code, _, err = run(capsys, "infer", "--model", "8b", "--gpu", "24gb", "--context", "100", "--prompt", "200")
+    _one_line_error(code, err, "--context")

@@ -122,3 +122,33 @@ def test_targets(llama8b, targets, expect):
     from qlora_bench.estimate.adapters import target_modules
 
     assert {m.name for m in target_modules(llama8b, Settings(targets=targets))} == expect
+
+
+def test_kv_cache_and_serving_modes(llama8b):
+    from qlora_bench.estimate.inference import InferSettings, adapter_file_bytes, estimate_inference, kv_cache_bytes
+
+    # K and V x 32 layers x 8 kv heads x 128 dims x 2 bytes = 131,072 B per token
+    assert kv_cache_bytes(llama8b, 1, 1) == 2 * 32 * 8 * 128 * 2 == 131_072
+    assert kv_cache_bytes(llama8b, 4, 4096) == 2 * 1024**3
+    from qlora_bench.profiles import resolve_model
+
+    assert kv_cache_bytes(resolve_model("70b"), 1, 1) == 2 * 80 * 8 * 128 * 2  # GQA: 8 of 64 heads
+    assert kv_cache_bytes(resolve_model("llama-2-70b"), 1, 1) == kv_cache_bytes(resolve_model("70b"), 1, 1)
+    assert kv_cache_bytes(resolve_model("65b"), 1, 1) == 2 * 80 * 64 * 128 * 2  # no GQA: 8x more
+    s, inf = Settings(), InferSettings(batch=1, context=4096, prompt=2048, adapters=3)
+    m = {mode: estimate_inference(llama8b, s, inf, mode) for mode in ("base16", "adapters4", "merged16", "merged4")}
+    assert m["merged16"].components == m["base16"].components  # a merged model needs full 16-bit memory
+    assert m["base16"].components["weights_16bit"] == 8_030_261_248 * 2
+    assert m["adapters4"].components["adapters"] == 3 * 41_943_040 * 4  # fp32, three adapters
+    assert m["merged4"].peak_device_bytes < m["adapters4"].peak_device_bytes < m["base16"].peak_device_bytes
+    assert m["adapters4"].components["weights_4bit"] == 3_489_660_928
+    assert adapter_file_bytes(llama8b, s) > 41_943_040 * 4  # the fp32 tensors plus the safetensors header
+
+
+def test_merge_peak(llama8b):
+    from qlora_bench.estimate.inference import merge_peak
+
+    m = merge_peak(llama8b, Settings(), 80 * 1024**3)
+    # 16-bit base + fp32 adapter + delta of the largest module (4096 x 14336) in fp32, then bf16
+    assert m.peak_bytes == 8_030_261_248 * 2 + 41_943_040 * 4 + 4096 * 14336 * 6 and m.fits_gpu
+    assert not merge_peak(llama8b, Settings(), 12 * 1024**3).fits_gpu  # -> the CPU path
