@@ -124,9 +124,16 @@ def infer_plan(model, s: Settings, gpu, inf) -> dict:
     modes = []
     for mode in MODES:
         e = estimate_inference(model, s, inf, mode)
+
+        def ok(b, mode=mode):
+            return estimate_inference(model, s, replace(inf, batch=b), mode).peak_device_bytes <= usable
+
         lo, hi = 0, 1
-        while hi <= 4096 and estimate_inference(model, s, replace(inf, batch=hi), mode).peak_device_bytes <= usable:
+        while hi <= 65536 and ok(hi):
             lo, hi = hi, hi * 2
+        while hi - lo > 1 and lo:  # binary search between the last fitting power of two and the next
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         modes.append({**e.to_dict(), "fits": e.peak_device_bytes <= usable, "max_batch": lo})
     m = merge_peak(model, s, usable)
     return {
@@ -184,6 +191,46 @@ def cmd_merge(a: argparse.Namespace) -> int:
         f"merged into {info['out']}: {info['params']:,} parameters, {info['bytes'] / 1e9:.2f} GB in "
         f"{', '.join(info['files'])}; reloads with transformers alone"
     )
+    return 0
+
+
+def cmd_infer_bench(a: argparse.Namespace) -> int:
+    _need_train_extra()
+    import tempfile
+
+    from .results import append_record
+    from .run.infer import INFER_MODES, InferBenchConfig
+    from .run.sweep import run_one
+
+    modes = a.modes or list(INFER_MODES)
+    unknown = [m for m in modes if m not in INFER_MODES]
+    if unknown:
+        raise InputError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(INFER_MODES)}")
+    from .profiles import resolve_model
+
+    spec = resolve_model(a.model)
+    s = Settings(rank=a.rank, alpha=a.alpha, targets=a.targets).validated()
+    out = Path(a.out) if a.out else Path("results") / gpu_slug() / "infer.jsonl"
+    recs = []
+    with tempfile.TemporaryDirectory(prefix="qlora-bench-infer-") as tmp:
+        for mode in modes:
+            cfg = InferBenchConfig(
+                a.model,
+                mode,
+                s,
+                batch=a.batch,
+                prompt=a.prompt,
+                new_tokens=a.new_tokens,
+                adapters=a.adapters,
+                repeats=a.repeats,
+            )
+            rec = run_one(cfg, a.timeout, Path(tmp))
+            append_record(out, rec)
+            recs.append(rec)
+    from . import render
+
+    render.infer_records(recs, spec)
+    print(f"appended {len(recs)} records to {out}")
     return 0
 
 
@@ -635,6 +682,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu", help="cpu (default) or cuda: see `qlora-bench infer` for the peak")
     sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     sp.set_defaults(func=cmd_merge)
+
+    sp = sub.add_parser(
+        "infer-bench",
+        help="measure serving: memory, prefill, decode tokens/s, adapter switching",
+        description="Measure the serving modes on a random-weight model, each in a fresh process: "
+        "base16, adapters4, merged16, merged4 and switch (N adapters, set_adapter).",
+    )
+    sp.add_argument("--model", required=True, help=MODEL_HELP)
+    sp.add_argument(
+        "--modes", type=_list(str), help="comma list (default all: base16,adapters4,merged16,merged4,switch)"
+    )
+    sp.add_argument("--batch", type=_positive_int, default=8, help="the larger decode batch (1 is always measured)")
+    sp.add_argument("--prompt", type=_positive_int, default=512, help="prompt tokens (prefill)")
+    sp.add_argument("--new-tokens", type=_positive_int, default=32, help="generated tokens per sequence")
+    sp.add_argument("--adapters", type=_positive_int, default=4, help="adapters for the switch mode")
+    sp.add_argument("--repeats", type=_positive_int, default=3, help="timings per measurement (median)")
+    sp.add_argument("--rank", type=_positive_int, default=16)
+    sp.add_argument("--alpha", type=float, default=32)
+    sp.add_argument("--targets", default="all-linear")
+    sp.add_argument("--timeout", type=float, default=1800.0, help="seconds per mode")
+    sp.add_argument("--out", help="results .jsonl (default results/<gpu>/infer.jsonl)")
+    sp.set_defaults(func=cmd_infer_bench)
 
     sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
     sp.add_argument("--json", action="store_true")

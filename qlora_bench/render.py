@@ -399,8 +399,17 @@ def inference(d: dict) -> None:
     t.add_column("GiB")
     for m in d["modes"]:
         t.add_column(MODE_LABELS[m["mode"]], justify="right")
-    order = ["weights_16bit", "weights_4bit", "quant_constants", "adapters", "kv_cache", "working_set",
-             "cublas_workspace", "allocator_reserve", "cuda_context"]
+    order = [
+        "weights_16bit",
+        "weights_4bit",
+        "quant_constants",
+        "adapters",
+        "kv_cache",
+        "working_set",
+        "cublas_workspace",
+        "allocator_reserve",
+        "cuda_context",
+    ]
     keys = [k for k in order if any(k in m["components"] for m in d["modes"])]
     names = {
         "weights_16bit": "16-bit weights",
@@ -430,4 +439,49 @@ def inference(d: dict) -> None:
         f"{mg['path']}; merged checkpoint {mg['merged_file_bytes'] / 1e9:,.1f} GB"
     )
     for n in d["modes"][0]["notes"]:
+        console.print(f"[dim]note:[/dim] {n}")
+
+
+def infer_records(recs: list[dict], spec) -> None:
+    """Measured serving modes next to the estimator's memory for the same mode."""
+    from .estimate.inference import InferSettings, estimate_inference
+    from .settings import Settings
+
+    t = Table(title=f"serving {spec.name}", title_justify="left")
+    t.add_column("mode")
+    for c in (
+        "outcome",
+        "peak GiB",
+        "estimated GiB",
+        "prefill s (b1)",
+        "decode tok/s b1",
+        "decode tok/s bN",
+        "switch ms",
+    ):
+        t.add_column(c, justify="right" if c != "outcome" else "left")
+    for r in recs:
+        m, sv = r.get("measured") or {}, r.get("serving") or {}
+        mode = sv.get("mode")
+        est = "-"
+        if mode in ("base16", "adapters4", "merged16", "merged4"):
+            inf = InferSettings(
+                batch=sv.get("batch", 1),
+                context=sv.get("prompt", 0) + sv.get("new_tokens", 0),
+                prompt=sv.get("prompt", 1),
+                adapters=1,
+            )
+            est = _g(estimate_inference(spec, Settings.from_dict(r["settings"]), inf, mode).peak_allocated_bytes)
+        b = sv.get("batch")
+        t.add_row(
+            mode or "?",
+            r["outcome"],
+            _gib_or_dash(m.get("peak_allocated_bytes")),
+            est,
+            f"{m['prefill_seconds_b1']:.3f}" if m.get("prefill_seconds_b1") else "-",
+            f"{m['decode_tokens_per_sec_b1']:,.1f}" if m.get("decode_tokens_per_sec_b1") else "-",
+            f"{m[f'decode_tokens_per_sec_b{b}']:,.1f}" if m.get(f"decode_tokens_per_sec_b{b}") else "-",
+            f"{m['switch_seconds'] * 1e3:.1f}" if m.get("switch_seconds") else "-",
+        )
+    console.print(t)
+    for n in (recs[0].get("notes") or []) if recs else []:
         console.print(f"[dim]note:[/dim] {n}")

@@ -49,7 +49,7 @@ def test_markdown_tables():
         assert f"## {heading}" in text
     section = text.split("## What the guides claim")[1].split("\n## ")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
-    assert len(rows) == 7
+    assert len(rows) == 10
     assert all(re.match(r"\| .+? \| (true|false|untested|only without)", r) for r in rows)
 
 

@@ -159,7 +159,67 @@ def claim_nf4_symmetric() -> dict:
     }
 
 
-def claims(records: list[Record]) -> list[dict]:
+def _gpu_infer(infer_records: list[Record], mode: str) -> list[Record]:
+    return [
+        r
+        for r in infer_records
+        if r.ok and (r.data.get("serving") or {}).get("mode") == mode and r.measured.get("peak_device_bytes")
+    ]
+
+
+def claim_unmerged_latency(infer_records) -> dict:
+    base, ad = _gpu_infer(infer_records, "base16"), _gpu_infer(infer_records, "adapters4")
+    claim = "unmerged adapters add ~5-10% latency"
+    if not (base and ad):
+        return {
+            "claim": claim,
+            "verdict": "untested",
+            "evidence": "no GPU infer-bench run committed yet (qlora-bench infer-bench measures it)",
+        }
+    tb = statistics.median(r.measured["decode_tokens_per_sec_b1"] for r in base)
+    ta = statistics.median(r.measured["decode_tokens_per_sec_b1"] for r in ad)
+    extra = tb / ta - 1
+    return {
+        "claim": claim,
+        "verdict": "true" if 0.05 <= extra <= 0.10 else "false",
+        "evidence": f"decode at batch 1: 16-bit base {tb:,.1f} tokens/s, 4-bit + adapter {ta:,.1f} "
+        f"({extra:+.0%} time per token)",
+    }
+
+
+def claim_merge_restores_latency(infer_records) -> dict:
+    base, mg = _gpu_infer(infer_records, "base16"), _gpu_infer(infer_records, "merged16")
+    claim = "merging restores base latency"
+    if not (base and mg):
+        return {"claim": claim, "verdict": "untested", "evidence": "no GPU infer-bench run committed yet"}
+    tb = statistics.median(r.measured["decode_tokens_per_sec_b1"] for r in base)
+    tm = statistics.median(r.measured["decode_tokens_per_sec_b1"] for r in mg)
+    return {
+        "claim": claim,
+        "verdict": "true" if abs(tm / tb - 1) <= 0.05 else "false",
+        "evidence": f"decode at batch 1: base {tb:,.1f}, merged {tm:,.1f} tokens/s",
+    }
+
+
+def claim_merged_needs_16bit() -> dict:
+    from ..estimate.inference import InferSettings, estimate_inference
+
+    m, s, inf = resolve_model("llama-3.1-8b"), Settings(), InferSettings()
+    base = estimate_inference(m, s, inf, "base16").components["weights_16bit"]
+    merged = estimate_inference(m, s, inf, "merged16").components["weights_16bit"]
+    q = estimate_inference(m, s, inf, "adapters4")
+    four = q.components["weights_4bit"] + q.components["quant_constants"] + q.components["weights_16bit"]
+    return {
+        "claim": "a merged model needs full 16-bit memory",
+        "verdict": "true (estimate)" if merged == base else "false",
+        "evidence": f"Llama-3.1-8B: merged weights {merged / GiB:.2f} GiB = the 16-bit base; the 4-bit base "
+        f"with its adapter holds {four / GiB:.2f} GiB of weights (re-quantizing the merged model "
+        "gets back to that)",
+    }
+
+
+def claims(records: list[Record], infer_records: list[Record] = ()) -> list[dict]:
+    infer_records = list(infer_records)
     return [
         claim_70b_48gb(records),
         claim_8b_10_12gb(records),
@@ -168,4 +228,7 @@ def claims(records: list[Record]) -> list[dict]:
         claim_qlora_slower(records),
         claim_3x_on_24gb(records),
         claim_nf4_symmetric(),
+        claim_unmerged_latency(infer_records),
+        claim_merge_restores_latency(infer_records),
+        claim_merged_needs_16bit(),
     ]

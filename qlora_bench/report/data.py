@@ -178,6 +178,49 @@ def breakdown_series(rows) -> list[dict]:
     return out
 
 
+def inference_table() -> list[dict]:
+    """Estimator: serving memory of the four modes for Llama-3.1-8B (r=16 adapter) at batch 1 x 4096 tokens,
+    with the merge's peak and path, on a 24 GB card and an H100."""
+    from ..cli import infer_plan
+    from ..estimate.inference import MODE_LABELS, InferSettings
+
+    out = []
+    for gpu_name in ("rtx-4090", "h100"):
+        d = infer_plan(
+            resolve_model("llama-3.1-8b"),
+            Settings(),
+            resolve_gpu(gpu_name),
+            InferSettings(batch=1, context=4096, prompt=2048, adapters=1),
+        )
+        row = {"GPU": gpu_name}
+        for m in d["modes"]:
+            row[MODE_LABELS[m["mode"]]] = f"{m['peak_device_bytes'] / GiB:.2f} GiB, batch <= {m['max_batch']}"
+        row["merge"] = f"{d['merge']['peak_bytes'] / GiB:.1f} GiB on the {d['merge']['path'].split()[0]}"
+        out.append(row)
+    return out
+
+
+def infer_measured_table(infer_records: list[Record]) -> list[dict]:
+    rows = []
+    for r in sorted(infer_records, key=lambda r: r.id):
+        m, sv = r.measured, r.data.get("serving") or {}
+        b = sv.get("batch")
+        rows.append(
+            {
+                "configuration": r.id,
+                "peak GiB": gib(m.get("peak_allocated_bytes")),
+                "prefill s (b1)": f"{m['prefill_seconds_b1']:.3f}" if m.get("prefill_seconds_b1") else "-",
+                "decode tok/s (b1)": f"{m['decode_tokens_per_sec_b1']:,.1f}"
+                if m.get("decode_tokens_per_sec_b1")
+                else "-",
+                f"decode tok/s (b{b})": f"{m[f'decode_tokens_per_sec_b{b}']:,.1f}"
+                if m.get(f"decode_tokens_per_sec_b{b}")
+                else "-",
+            }
+        )
+    return rows
+
+
 def collect(records: list[Record]) -> dict:
     rows, summaries = validate(records)
     ok_rows = [x for x in rows if x.record.ok]
@@ -189,4 +232,5 @@ def collect(records: list[Record]) -> dict:
         "environment": environment_table([x.record for x in ok_rows]),
         "calibration": calibration_table(),
         "breakdown": breakdown_series(ok_rows),
+        "inference": inference_table(),
     }

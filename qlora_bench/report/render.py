@@ -9,7 +9,7 @@ from pathlib import Path
 from ..results import REPO_ROOT, load_records
 from . import plots
 from .claims import claims
-from .data import FEASIBILITY_GPUS, collect
+from .data import FEASIBILITY_GPUS, collect, infer_measured_table
 
 TARGETS = (
     ("device peak, median absolute error", "peak_device_bytes", "median", 0.05),
@@ -73,6 +73,7 @@ def _targets(validation) -> list[dict]:
 
 def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
     records = [r for p in inputs for r in load_records(p, kind="train")]
+    infer_records = [r for p in inputs for r in load_records(p, kind="infer")]
     data = collect(records)
     if not data["rows"]:
         from ..errors import InputError
@@ -99,7 +100,13 @@ def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
         ("Memory breakdown per configuration", None, "memory-breakdown.png"),
         ("Throughput, MFU and the memory / throughput trade-off", None, "throughput.png"),
         ("Feasibility matrix (estimator)", data["feasibility"], None),
-        ("What the guides claim", claims(records), None),
+        ("Serving after fine-tuning (estimator)", data["inference"], None),
+        (
+            "Serving, measured (infer-bench)",
+            [r for r in infer_measured_table(infer_records) if r["peak GiB"] != "-"],
+            None,
+        ),
+        ("What the guides claim", claims(records, infer_records), None),
         ("Calibration constants (fitted by `qlora-bench calibrate`)", data["calibration"], None),
         ("Where the measurements come from", data["environment"], None),
     ]
@@ -108,6 +115,14 @@ def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
             "Largest micro-batch at 2048 tokens that fits, per method: F = full (fused AdamW), L = LoRA r=16 (fused "
             "AdamW), Q = QLoRA r=16 (NF4 + double quant, paged 8-bit AdamW), all with gradient checkpointing; `-` "
             f"means it does not fit even at batch 1. GPUs: {', '.join(FEASIBILITY_GPUS)}."
+        ),
+        "Serving after fine-tuning (estimator)": (
+            "Device memory of each serving mode for Llama-3.1-8B with an r=16 all-linear adapter, batch 1 x 4,096 "
+            "tokens of KV cache (prefill 2,048), and the largest batch that fits; the merge column is the peak of "
+            "merge_and_unload on a 16-bit base and where it fits. `qlora-bench infer` gives this for any model."
+        ),
+        "Serving, measured (infer-bench)": (
+            "GPU runs of `qlora-bench infer-bench` (none committed yet: the table fills in when they are)."
         ),
         "Predicted vs measured": (
             "Errors are predicted / measured - 1. `static` compares memory after load and adapter wrap with the "

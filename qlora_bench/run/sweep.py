@@ -134,26 +134,33 @@ def _bigger_than_an_oom(c: RunConfig, ooms: dict[str, list[tuple[int, int, str]]
     return None
 
 
-def _base_record(c: RunConfig, outcome: str, error: str | None) -> dict:
+def _base_record(c, outcome: str, error: str | None) -> dict:
+    """A record for a configuration that left none of its own (crash, timeout, skipped)."""
     from .probes import git_commit, versions
 
-    return {
+    kind = getattr(c, "kind", "train")
+    rec = {
         "schema": SCHEMA_VERSION,
-        "kind": "train",
+        "kind": kind,
         "id": c.id,
         "key": c.key,
         "model": c.model,
         "settings": c.settings.to_dict(),
-        "run": asdict(c.options),
         "outcome": outcome,
         "error": error,
         "measured": {},
         "environment": {"versions": versions(), "git_commit": git_commit()},
     }
+    if kind == "train":
+        rec["run"] = asdict(c.options)
+    else:
+        rec["serving"] = {k: v for k, v in c.to_dict().items() if k not in ("settings", "model", "kind")}
+    return rec
 
 
-def run_one(c: RunConfig, timeout_s: float, workdir: Path) -> dict:
-    """One configuration in a fresh `python -m qlora_bench.run.worker` process."""
+def run_one(c, timeout_s: float, workdir: Path) -> dict:
+    """One configuration (a RunConfig or an InferBenchConfig) in a fresh `python -m qlora_bench.run.worker`
+    process."""
     cfg_path, out_path = workdir / f"{c.key}.json", workdir / f"{c.key}.record.json"
     cfg_path.write_text(json.dumps(c.to_dict()))
     out_path.unlink(missing_ok=True)

@@ -22,10 +22,17 @@ def main(argv: list[str]) -> int:
     from .config import RunConfig
 
     nvml = probes.try_nvml()  # before torch initialises CUDA: the baseline is the idle device
-    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-    from .train import run_config
+    data = json.loads(cfg_path.read_text())
+    if data.get("kind") == "infer":
+        from .infer import InferBenchConfig, run_infer
 
-    record = run_config(resolve_model(cfg.model), cfg.settings, cfg.options, cfg.id, nvml=nvml)
+        cfg = InferBenchConfig.from_dict(data)
+        record = run_infer(resolve_model(cfg.model), cfg, nvml=nvml)
+    else:
+        cfg = RunConfig.from_dict(data)
+        from .train import run_config
+
+        record = run_config(resolve_model(cfg.model), cfg.settings, cfg.options, cfg.id, nvml=nvml)
     record["key"] = cfg.key
     tmp = out_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, sort_keys=True))
