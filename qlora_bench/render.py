@@ -36,8 +36,13 @@ def plan(p: Plan) -> None:
     console.print(
         f"[{style}]{p.verdict.upper()}[/{style}]: peak {_g(e.peak_device_bytes)} GiB on the device "
         f"(band {_g(e.device_low_bytes)}-{_g(e.device_high_bytes)}){paged}; "
-        f"{_g(e.resident_device_bytes)} GiB must stay resident of {_g(p.usable_bytes)} GiB usable: "
-        f"{over} {_g(abs(p.headroom_bytes))} GiB"
+        f"{_g(e.resident_device_bytes)} GiB must stay resident"
+        + (
+            f" ({_g(p.usable_bytes - p.headroom_bytes)} with the {p.safety_margin:.1%} safety margin)"
+            if p.safety_margin
+            else ""
+        )
+        + f" of {_g(p.usable_bytes)} GiB usable: {over} {_g(abs(p.headroom_bytes))} GiB"
     )
     t = Table(title=f"memory at the peak (phase: {e.peak_phase})", title_justify="left")
     t.add_column("component")
