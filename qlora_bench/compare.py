@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, read_json
 from .results import REPO_ROOT, Record, load_records
 
 SCHEMA = 1
@@ -133,10 +133,7 @@ def load_baseline(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such baseline (create one with `qlora-bench baseline update`)")
-    try:
-        b = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    b = read_json(path)
     for key in ("schema", "gpu", "configs"):
         if key not in b:
             raise InputError(f"{path}: missing field '{key}'")

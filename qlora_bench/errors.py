@@ -19,3 +19,14 @@ def closest(name: str, candidates: list[str], n: int = 3) -> list[str]:
         if key and key in c and c not in found:
             found.append(c)
     return found
+
+
+def read_json(path) -> object:
+    """A JSON file's content, or an InputError naming the file and where it is malformed."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from .errors import InputError, closest
+from .errors import InputError, closest, read_json
 from .units import GiB, MiB
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
@@ -209,10 +209,7 @@ def model_from_config(cfg: dict, name: str, where: str, **meta) -> ModelSpec:
 def _model_profiles() -> dict[str, dict]:
     out = {}
     for path in sorted((profiles_dir() / "models").glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = read_json(path)
         for key in ("name", "config", "source"):
             if key not in data:
                 raise InputError(f"{path}: missing field '{key}'")
@@ -248,10 +245,7 @@ def _read_config_file(path: Path) -> ModelSpec:
         path = path / "config.json"
     if not path.is_file():
         raise InputError(f"{path}: no such config file")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    cfg = read_json(path)
     name = path.parent.name if path.name == "config.json" else path.stem
     return model_from_config(cfg, name or str(path), str(path), source=f"local file {path}")
 
@@ -309,10 +303,7 @@ class GpuSpec:
 def _gpu_profiles() -> dict[str, dict]:
     out = {}
     for path in sorted((profiles_dir() / "gpus").glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = read_json(path)
         for key in ("name", "memory_total_MiB", "bf16_supported", "memory_source"):
             if key not in data:
                 raise InputError(f"{path}: missing field '{key}'")
