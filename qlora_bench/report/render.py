@@ -72,8 +72,11 @@ def _targets(validation) -> list[dict]:
 
 
 def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
-    records = [r for p in inputs for r in load_records(p, kind="train")]
-    infer_records = [r for p in inputs for r in load_records(p, kind="infer")]
+    def gpu_only(rs):  # CPU smoke runs carry no GPU memory figures: nothing to report
+        return [r for r in rs if r.measured.get("peak_device_bytes") or r.data.get("outcome") == "oom"]
+
+    records = gpu_only(r for p in inputs for r in load_records(p, kind="train"))
+    infer_records = gpu_only(r for p in inputs for r in load_records(p, kind="infer"))
     data = collect(records)
     if not data["rows"]:
         from ..errors import InputError
