@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .estimate import estimate, trainable_tensors
 from .estimate.optimizer import optimizer_bytes
-from .estimate.overhead import _FALLBACK, CALIBRATION_FILE, Overheads, overheads
+from .estimate.overhead import CALIBRATION_FILE, Overheads, overheads
 from .results import RESULTS_DIR, Record, load_records
 
 HOLD_OUT_EVERY = 4  # one record in four (by id hash) is held out
@@ -216,4 +216,4 @@ def calibrate(results: Path = RESULTS_DIR, path: Path = CALIBRATION_FILE) -> dic
     return cal
 
 
-__all__ = ["fit", "write", "calibrate", "is_held_out", "_FALLBACK"]
+__all__ = ["fit", "write", "calibrate", "is_held_out"]

@@ -11,6 +11,7 @@ they really run. Each mode runs in a fresh process (worker.py), recorded with ki
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import statistics
 import time
@@ -161,9 +162,10 @@ def run_infer(spec, cfg: InferBenchConfig, nvml=None) -> dict:
                 x = torch.randint(0, spec.vocab_size, (1, cfg.prompt), generator=g).to(device)
                 names = [f"a{k}" for k in range(cfg.adapters)]
 
-                def switch_and_run(i=[0]):  # noqa: B006  (a counter across calls)
-                    model.set_adapter(names[i[0] % len(names)])
-                    i[0] += 1
+                turn = itertools.cycle(names)
+
+                def switch_and_run():  # the next request's adapter, then one decode-sized forward
+                    model.set_adapter(next(turn))
                     model(input_ids=x[:, :1])
 
                 m["switch_seconds"] = _time(switch_and_run, cfg.repeats * len(names))
