@@ -24,6 +24,13 @@ TINY = {
                   num_attention_heads=6, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
     "phi3": dict(model_type="phi3", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1000, pad_token_id=0),
+    "mistral": dict(model_type="mistral", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, sliding_window=4096),
+    "gemma2": dict(model_type="gemma2", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000,
+                   query_pre_attn_scalar=64, sliding_window=4096, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", pad_token_id=0,
+                   bos_token_id=2, eos_token_id=1),
 }
 
 
@@ -78,9 +85,12 @@ def _saved_in_layer(cfg, method, attn, batch, seq):
     return sum(v for k, v in saved[1].items() if k not in saved[0])
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+# transformers 5.23 refuses sdpa for Gemma-2 (it would drop the attention logit softcapping): eager only
+CASES = [(arch, attn) for arch in TINY for attn in ("sdpa", "eager") if not (arch == "gemma2" and attn == "sdpa")]
+
+
+@pytest.mark.parametrize("arch,attn", CASES)
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_layer_activation_bytes_per_token(arch, method, attn):
     cfg = TINY[arch]
     spec = model_from_config(cfg, arch, "tiny")

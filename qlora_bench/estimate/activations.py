@@ -60,7 +60,9 @@ def layer_saved_per_token(model: ModelSpec, s: Settings) -> dict[str, int]:
     terms: dict[str, int] = {}
     # RMSNorm: fp32 copy of the input (the input itself when it is fp32), the fp32 rsqrt per token, and the
     # normalized 16-bit x when the norm weight trains
-    terms["norms"] = model.norms_per_layer * (4 * h + RSQRT_BYTES + (c * h if full else 0))
+    # (Gemma-2's norm multiplies the fp32 normalized x by fp32 (1 + weight): that saved tensor is fp32)
+    normed = (4 if model.model_type == "gemma2" else c) * h
+    terms["norms"] = model.norms_per_layer * (4 * h + RSQRT_BYTES + (normed if full else 0))
     if full:  # inputs of the trainable linears: q/k/v share one, o, gate/up share one (routed k times), down.
         # sdpa/flash allocate their output like the query (empty_like), and the query after rotary embedding is in
         # [b, s, heads, d] memory order, so o_proj's input (`transpose(1, 2).contiguous()`) is the attention output
@@ -70,6 +72,8 @@ def layer_saved_per_token(model: ModelSpec, s: Settings) -> dict[str, int]:
         terms["linear inputs"] = c * (h + k * h + k * i) + o_input
     if s.attn == "eager":  # q, and k and v repeated to all heads; the fp32 softmax and its 16-bit copy
         terms["attention"] = c * (3 * q) + (4 + c) * a * s.seq
+        if model.config.get("attn_logit_softcapping"):  # Gemma-2: tanh(scores / cap) keeps its 16-bit output
+            terms["attention"] += c * a * s.seq
     else:
         terms["attention"] = c * (q + 2 * kv) + c * q + LSE_BYTES * a
     # gate output (kept by the activation), activation output and up output (kept by their product);
