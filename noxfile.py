@@ -24,7 +24,7 @@ def _install_gpu(session: nox.Session) -> None:
 
 
 def _gpu_slug(session: nox.Session) -> str:
-    return session.run("python", "-c", "from qlora_bench.cli import gpu_slug; print(gpu_slug())",
+    return session.run("python", "-c", "from qlora_bench.profiles import gpu_slug; print(gpu_slug())",
                        silent=True).strip().splitlines()[-1]
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError
+from .profiles import gpu_slug
 from .settings import ATTN, DEFAULT_OPTIMIZER, DTYPES, METHODS, OPTIMIZERS, QUANT_TYPES, Settings
 
 MODEL_HELP = "profile name or alias (70b, llama-3.1-8b), a config.json file or folder, or a hub id"
@@ -115,50 +115,6 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-def infer_plan(model, s: Settings, gpu, inf) -> dict:
-    """Every serving mode for one model / adapter / workload on one GPU, plus the merge and the adapter size."""
-    from .estimate.inference import MODES, adapter_bytes, adapter_file_bytes, estimate_inference, merge_peak
-    from .plan import usable_bytes
-
-    usable = usable_bytes(gpu)
-    modes = []
-    for mode in MODES:
-        e = estimate_inference(model, s, inf, mode)
-
-        def ok(b, mode=mode):
-            return estimate_inference(model, s, replace(inf, batch=b), mode).peak_device_bytes <= usable
-
-        lo, hi = 0, 1
-        while hi <= 65536 and ok(hi):
-            lo, hi = hi, hi * 2
-        while hi - lo > 1 and lo:  # binary search between the last fitting power of two and the next
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-        modes.append({**e.to_dict(), "fits": e.peak_device_bytes <= usable, "max_batch": lo})
-    m = merge_peak(model, s, usable)
-    return {
-        "model": model.name,
-        "gpu": gpu.label,
-        "gpu_memory_bytes": gpu.memory_total_bytes,
-        "usable_bytes": usable,
-        "settings": s.to_dict(),
-        "serving": {k: getattr(inf, k) for k in ("batch", "context", "prompt", "adapters", "kv_dtype")},
-        "modes": modes,
-        "adapter": {
-            "params": adapter_bytes(model, s) // 4,
-            "memory_bytes": adapter_bytes(model, s),
-            "file_bytes": adapter_file_bytes(model, s),
-        },
-        "merge": {
-            "peak_bytes": m.peak_bytes,
-            "components": m.components,
-            "fits_gpu": m.fits_gpu,
-            "path": "GPU" if m.fits_gpu else "CPU (needs this much host RAM)",
-            "merged_file_bytes": m.merged_file_bytes,
-        },
-    }
-
-
 def cmd_infer(a: argparse.Namespace) -> int:
     from .estimate.inference import InferSettings
     from .profiles import resolve_gpu, resolve_model
@@ -167,6 +123,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
     s = Settings(rank=a.rank, alpha=a.alpha, targets=a.targets).validated()
     if a.context < a.prompt:
         raise InputError(f"--context {a.context} must hold the prompt ({a.prompt} tokens) and what is generated")
+    from .plan import infer_plan
+
     out = infer_plan(
         model, s, gpu, InferSettings(batch=a.batch, context=a.context, prompt=a.prompt, adapters=a.adapters)
     )
@@ -302,26 +260,6 @@ def _run_options(a: argparse.Namespace):
         text=getattr(a, "text", None),
         tokenizer=getattr(a, "tokenizer", None),
     )
-
-
-def slug_for(gpu_name: str | None) -> str:
-    """Folder / file name for a GPU model: 'h100' for 'NVIDIA H100 80GB HBM3', 'geforce-rtx-4090', or 'cpu'."""
-    if not gpu_name:
-        return "cpu"
-    words = gpu_name.lower().replace("nvidia", "").split()
-    return words[0] if words and words[0] in ("h100", "h200", "b200", "gh200") else "-".join(words)
-
-
-def gpu_slug() -> str:
-    """slug_for() the GPU in this machine (NVML), or 'cpu'."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-        return slug_for(name.decode() if isinstance(name, bytes) else name)
-    except Exception:
-        return "cpu"
 
 
 def cmd_run(a: argparse.Namespace) -> int:

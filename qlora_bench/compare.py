@@ -179,7 +179,7 @@ def update_baseline(results: Path, dest: Path | None = None, allow_dirty: bool =
     records = [r for r in load_records(results, kind="train")]
     b = baseline_from_records(records, source=str(results), commit=commit if clean else f"{commit}-dirty")
     if dest is None:
-        from .cli import slug_for
+        from .profiles import slug_for
 
         dest = REPO_ROOT / "results" / "baselines" / f"{slug_for(b['gpu'])}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)

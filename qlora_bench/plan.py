@@ -319,3 +319,48 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
     if not ok or verdict == "tight":
         p.suggestions = suggestions(model, s, gpu, usable, e)
     return p
+
+
+def infer_plan(model, s: Settings, gpu, inf) -> dict:
+    """Every serving mode for one model / adapter / workload on one GPU, plus the merge and the adapter size."""
+    from dataclasses import replace
+
+    from .estimate.inference import MODES, adapter_bytes, adapter_file_bytes, estimate_inference, merge_peak
+
+    usable = usable_bytes(gpu)
+    modes = []
+    for mode in MODES:
+        e = estimate_inference(model, s, inf, mode)
+
+        def ok(b, mode=mode):
+            return estimate_inference(model, s, replace(inf, batch=b), mode).peak_device_bytes <= usable
+
+        lo, hi = 0, 1
+        while hi <= 65536 and ok(hi):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1 and lo:  # binary search between the last fitting power of two and the next
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        modes.append({**e.to_dict(), "fits": e.peak_device_bytes <= usable, "max_batch": lo})
+    m = merge_peak(model, s, usable)
+    return {
+        "model": model.name,
+        "gpu": gpu.label,
+        "gpu_memory_bytes": gpu.memory_total_bytes,
+        "usable_bytes": usable,
+        "settings": s.to_dict(),
+        "serving": {k: getattr(inf, k) for k in ("batch", "context", "prompt", "adapters", "kv_dtype")},
+        "modes": modes,
+        "adapter": {
+            "params": adapter_bytes(model, s) // 4,
+            "memory_bytes": adapter_bytes(model, s),
+            "file_bytes": adapter_file_bytes(model, s),
+        },
+        "merge": {
+            "peak_bytes": m.peak_bytes,
+            "components": m.components,
+            "fits_gpu": m.fits_gpu,
+            "path": "GPU" if m.fits_gpu else "CPU (needs this much host RAM)",
+            "merged_file_bytes": m.merged_file_bytes,
+        },
+    }

@@ -381,3 +381,23 @@ def resolve_gpu(arg: str) -> GpuSpec:
         + (f"; closest profiles: {', '.join(hint)}" if hint else "")
         + "; or give a size such as 24gb, 48GiB, 2x24gb"
     )
+
+
+def slug_for(gpu_name: str | None) -> str:
+    """Folder / file name for a GPU model: 'h100' for 'NVIDIA H100 80GB HBM3', 'geforce-rtx-4090', or 'cpu'."""
+    if not gpu_name:
+        return "cpu"
+    words = gpu_name.lower().replace("nvidia", "").split()
+    return words[0] if words and words[0] in ("h100", "h200", "b200", "gh200") else "-".join(words)
+
+
+def gpu_slug() -> str:
+    """slug_for() the GPU in this machine (NVML), or 'cpu'."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return slug_for(name.decode() if isinstance(name, bytes) else name)
+    except Exception:
+        return "cpu"

@@ -181,8 +181,8 @@ def breakdown_series(rows) -> list[dict]:
 def inference_table() -> list[dict]:
     """Estimator: serving memory of the four modes for Llama-3.1-8B (r=16 adapter) at batch 1 x 4096 tokens,
     with the merge's peak and path, on a 24 GB card and an H100."""
-    from ..cli import infer_plan
     from ..estimate.inference import MODE_LABELS, InferSettings
+    from ..plan import infer_plan
 
     out = []
     for gpu_name in ("rtx-4090", "h100"):
