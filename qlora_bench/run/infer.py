@@ -196,12 +196,6 @@ def run_infer(spec, cfg: InferBenchConfig, nvml=None) -> dict:
             outcome="error", error=f"{type(e).__name__}: {str(e)[:500]}", traceback=traceback.format_exc()[-4000:]
         )
     finally:
-        if nvml and nvml._thread is not None:
-            m["nvml_peak_used_bytes"] = nvml.stop()
-        m["peak_allocated_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
-        m["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else None
-        peak = m.get("nvml_peak_used_bytes")
-        m["peak_device_bytes"] = peak - baseline if (peak and baseline is not None) else None
-        m["cpu_max_rss_bytes"] = probes.max_rss_bytes()
+        probes.finish_peaks(m, nvml, baseline)
         rec["environment"] = probes.environment(nvml)
     return rec

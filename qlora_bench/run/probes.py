@@ -44,6 +44,22 @@ def memory_snapshot(nvml: NvmlSampler | None = None) -> dict:
     }
 
 
+def finish_peaks(m: dict, nvml: NvmlSampler | None, baseline: int | None) -> None:
+    """At the end of a measured run: stop NVML sampling and record the peaks (torch allocated / reserved, NVML
+    device peak minus the idle baseline, process RSS) into `m`; None where there is no CUDA."""
+    import torch
+
+    if nvml and nvml._thread is not None:
+        m["nvml_peak_used_bytes"] = nvml.stop()
+        m["nvml_samples"] = nvml.samples
+    cuda = torch.cuda.is_available()
+    m["peak_allocated_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+    m["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else None
+    peak = m.get("nvml_peak_used_bytes")
+    m["peak_device_bytes"] = peak - baseline if (peak and baseline is not None) else None
+    m["cpu_max_rss_bytes"] = max_rss_bytes()
+
+
 def max_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

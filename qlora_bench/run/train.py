@@ -331,18 +331,8 @@ def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = 
             outcome="error", error=f"{type(e).__name__}: {str(e)[:500]}", traceback=traceback.format_exc()[-4000:]
         )
     finally:
-        if nvml and nvml._thread is not None:
-            m["nvml_peak_used_bytes"] = nvml.stop()
-            m["nvml_samples"] = nvml.samples
         if opt is not None:
             m["optimizer_state_bytes"], m["optimizer_state_paged_bytes"] = _optimizer_state_bytes(opt)
-        if cuda:
-            m["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            m["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-        else:
-            m["peak_allocated_bytes"] = m["peak_reserved_bytes"] = None
-        peak_nvml = m.get("nvml_peak_used_bytes")
-        m["peak_device_bytes"] = peak_nvml - baseline if (peak_nvml and baseline is not None) else None
-        m["cpu_max_rss_bytes"] = probes.max_rss_bytes()
+        probes.finish_peaks(m, nvml, baseline)
         record["environment"] = probes.environment(nvml)
     return record
