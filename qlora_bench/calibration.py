@@ -25,10 +25,12 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from .errors import InputError, write_text
 from .estimate import estimate, trainable_tensors
 from .estimate.optimizer import optimizer_bytes
-from .estimate.overhead import CALIBRATION_FILE, Overheads, overheads
-from .results import RESULTS_DIR, Record, load_records
+from .estimate.overhead import CALIBRATION_FILE, Calibration, Overheads, overheads
+from .results import PACKAGE_DIR, REPO_ROOT, Record, load_records
+from .schema import load
 
 HOLD_OUT_EVERY = 4  # one record in four (by id hash) is held out
 
@@ -76,37 +78,58 @@ def _overheads_from(cal: dict) -> Overheads:
     )
 
 
-def fit(records: list[Record]) -> dict:
+def _source_name(path: Path) -> str:
+    """A record file as calibration.json names it: relative to the working directory or the repository."""
+    for base in (Path.cwd(), REPO_ROOT):
+        if path.resolve().is_relative_to(base.resolve()):
+            return str(path.resolve().relative_to(base.resolve()))
+    return str(path)
+
+
+def _refuse_negative(values: dict[str, int], what: str) -> None:
+    """A residue below zero means a record's figures contradict each other (NVML saw less than torch reserved):
+    fitting on it would give a negative overhead, and `plan` would then call impossible plans fits."""
+    bad = {k: v for k, v in values.items() if v < 0}
+    if bad:
+        worst = min(bad, key=bad.get)
+        raise InputError(
+            f"cannot calibrate {what}: {len(bad)} record(s) give a negative value ({worst}: {bad[worst] / 2**30:+.2f}"
+            " GiB); their NVML and torch figures contradict each other: fix or remove them"
+        )
+
+
+def fit(records: list[Record], where: str = "the records") -> dict:
     gpu_records = [r for r in records if r.ok and r.measured.get("peak_device_bytes")]  # GPU runs only
     recs = [r for r in gpu_records if not is_held_out(r.id)]
     if not recs:
-        raise ValueError("no successful records with device measurements to calibrate from")
+        raise InputError(
+            f"{where}: no successful GPU records with device measurements to calibrate from "
+            f"({len(records)} records, {len(gpu_records)} with device peaks, held-out ones excluded)"
+        )
     residue = {r.id: r.measured["peak_device_bytes"] - r.measured["peak_reserved_bytes"] - _paged(r) for r in recs}
+    _refuse_negative(residue, "the CUDA context")
     ctx = _stat([residue[r.id] for r in recs if not _uses_bnb(r)])
-    bnb = _stat([residue[r.id] - ctx["value"] for r in recs if _uses_bnb(r)])
-    cublas = []
+    bnb_extra = {r.id: residue[r.id] - ctx["value"] for r in recs if _uses_bnb(r)}
+    _refuse_negative(bnb_extra, "bitsandbytes' runtime")
+    bnb = _stat(list(bnb_extra.values()))
+    cublas = {}
     for r in recs:
         m = r.measured
-        if m.get("mem_after_train") and m.get("mem_after_load"):
+        after_train, after_load = (m.get("mem_after_train") or {}), (m.get("mem_after_load") or {})
+        if after_train.get("allocated") is not None and after_load.get("allocated") is not None:
             opt = optimizer_bytes(trainable_tensors(r.model_spec(), r.settings), r.settings.optimizer_kind)
-            cublas.append(m["mem_after_train"]["allocated"] - m["mem_after_load"]["allocated"] - opt.device)
+            cublas[r.id] = after_train["allocated"] - after_load["allocated"] - opt.device
+    _refuse_negative(cublas, "the cuBLAS workspace")
     out = {
         "generated_by": "qlora-bench calibrate",
         "fitted_on": sorted(r.id for r in recs),
         "held_out": sorted(r.id for r in gpu_records if is_held_out(r.id)),
-        "source_files": sorted(
-            {
-                str(r.path.relative_to(RESULTS_DIR.parent))
-                if r.path.is_relative_to(RESULTS_DIR.parent)
-                else str(r.path)
-                for r in recs
-            }
-        ),
+        "source_files": sorted({_source_name(r.path) for r in recs}),
         "gpus": sorted({r.data.get("environment", {}).get("gpu_name") or "?" for r in recs}),
         "driver_idle_bytes": _stat([r.measured["nvml_used_baseline_bytes"] for r in recs]),
         "cuda_context_bytes": ctx,
         "bnb_runtime_bytes": bnb,
-        "cublas_workspace_bytes": _stat(cublas),
+        "cublas_workspace_bytes": _stat(list(cublas.values())),
         "reserve_fraction": {"median": 0.0, "min": 0.0, "max": 0.0, "n": 0},
     }
     # allocator slack: measured reserved - allocated over the estimate's dynamic bytes
@@ -114,7 +137,8 @@ def fit(records: list[Record]) -> dict:
     ratios = []
     for r in recs:
         e = estimate(r.model_spec(), r.settings, ov)
-        ratios.append((r.measured["peak_reserved_bytes"] - r.measured["peak_allocated_bytes"]) / e.dynamic_bytes)
+        slack = r.measured["peak_reserved_bytes"] - r.measured["peak_allocated_bytes"]
+        ratios.append(slack / max(e.dynamic_bytes, 1))
     out["reserve_fraction"] = {
         "median": round(statistics.median(ratios), 4),
         "min": round(min(ratios), 4),
@@ -191,7 +215,10 @@ def fit_throughput(recs: list[Record]) -> dict:
         return {}
     # efficiency <= 1 (nobody beats the dense peak): fit u = 1/efficiency - 1 >= 0 on what the ideal time leaves
     target = [1.0 - row[0] for row in rows]
-    u, *rest = nonneg_least_squares(rows, target)
+    try:
+        u, *rest = nonneg_least_squares(rows, target)
+    except ZeroDivisionError:  # the records cannot tell the terms apart (e.g. one configuration repeated)
+        return {}
     coef = [round(1.0 + u, 8), *(round(c, 8) for c in rest)]
     model = ThroughputModel(*coef)
     errors = {r.id: round(model.step_seconds(r.model_spec(), r.settings, gpu) / t - 1, 4) for r, gpu, t in used}
@@ -205,15 +232,31 @@ def fit_throughput(recs: list[Record]) -> dict:
     }
 
 
-def write(cal: dict, path: Path = CALIBRATION_FILE) -> None:
-    path.write_text(json.dumps(cal, indent=2, sort_keys=True) + "\n")
+def check_fitted(cal: dict, where: str) -> dict:
+    """The fitted constants against the calibration schema's physical bounds, before anything is written."""
+    load(Calibration, cal, f"calibration fitted from {where}")
+    return cal
+
+
+def write(cal: dict, path: Path = CALIBRATION_FILE) -> Path:
+    path = Path(path)
+    installed = not (REPO_ROOT / ".git").exists()
+    if installed and path.resolve().is_relative_to(PACKAGE_DIR):
+        raise InputError(
+            f"{path}: inside the installed qlora-bench package, whose calibration is read-only data; write it "
+            "elsewhere (--out calibration.json) and use it with --calibration"
+        )
+    out = write_text(path, json.dumps(cal, indent=2, sort_keys=True, allow_nan=False) + "\n", "calibration file")
     overheads.cache_clear()
+    return out
 
 
-def calibrate(results: Path = RESULTS_DIR, path: Path = CALIBRATION_FILE) -> dict:
-    cal = fit(load_records(results))
+def calibrate(results: Path, path: Path) -> dict:
+    """Fit from the records under `results` and write the calibration to `path` (never the packaged file
+    of an installed qlora-bench)."""
+    cal = check_fitted(fit(load_records(results), str(results)), str(results))
     write(cal, path)
     return cal
 
 
-__all__ = ["fit", "write", "calibrate", "is_held_out"]
+__all__ = ["fit", "write", "calibrate", "is_held_out", "check_fitted"]

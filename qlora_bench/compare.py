@@ -15,12 +15,15 @@ GPU model under one set of library versions, with its provenance (commit, source
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from .errors import InputError, read_json
-from .results import REPO_ROOT, Record, load_records
+from .errors import InputError, read_json_object, write_text
+from .results import MAX_BYTES, OUTCOMES, REPO_ROOT, Record, load_records
+from .schema import Extra, load, rule
 
 SCHEMA = 1
 MEMORY_METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes")
@@ -28,10 +31,47 @@ THROUGHPUT_METRIC = "tokens_per_sec"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
+MAX_TOLERANCE = 1.0  # a tolerance of 100 % or more would let a doubled peak through: not a regression check
+
+
 @dataclass(frozen=True)
 class Tolerances:
     memory: float = 0.02  # a peak may grow by this fraction before it is a regression
     throughput: float = 0.05  # tokens/s may fall by this fraction before it is a regression
+
+    def __post_init__(self):
+        for name in ("memory", "throughput"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < MAX_TOLERANCE:
+                raise InputError(f"--{name}-tolerance {v!r}: expected a fraction in [0, 1), e.g. 0.02 for 2 %")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """One configuration's metrics in a baseline (a measured peak is never 0 bytes; tokens/s never 0)."""
+
+    extra = Extra.ALLOW
+    id: str | None = rule(None, max_len=500)
+    settings: dict | None = None
+    outcome: Literal[OUTCOMES] | None = None
+    peak_allocated_bytes: int | None = rule(None, ge=1, le=MAX_BYTES)
+    peak_reserved_bytes: int | None = rule(None, ge=1, le=MAX_BYTES)
+    peak_device_bytes: int | None = rule(None, ge=1, le=MAX_BYTES)
+    tokens_per_sec: float | None = rule(None, gt=0, le=1e9)
+    tokens_per_sec_spread: float | None = rule(None, ge=0, le=100, hint="(max - min) / median tokens/s")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """results/baselines/<gpu>.json, as `baseline update` writes it."""
+
+    extra = Extra.ALLOW
+    schema: Literal[SCHEMA]
+    gpu: str = rule(nonempty=True, max_len=200, hint="the GPU model's name as NVML reports it")
+    configs: dict[str, BaselineConfig] = rule(hint="configuration key -> metrics")
+    driver: str | None = rule(None, max_len=100)
+    versions: dict[str, str | None] = rule(factory=dict, max_len=200)
+    provenance: dict = rule(factory=dict)
 
 
 @dataclass
@@ -131,12 +171,10 @@ def baseline_from_records(records: list[Record], source: str = "", commit: str |
 
 def load_baseline(path: Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise InputError(f"{path}: no such baseline (create one with `qlora-bench baseline update`)")
-    b = read_json(path)
-    for key in ("schema", "gpu", "configs"):
-        if key not in b:
-            raise InputError(f"{path}: missing field '{key}'")
+    b = read_json_object(path, "baseline JSON file")
+    load(Baseline, b, str(path))
     return b
 
 
@@ -151,8 +189,11 @@ def load_side(path: Path) -> dict:
     return baseline_from_records(records, source=str(path))
 
 
-def git_state() -> tuple[str | None, bool]:
-    """(commit, clean) of the repository."""
+def git_state() -> tuple[str | None, bool] | None:
+    """(commit, clean) of the qlora-bench source checkout this code runs from; None for an installed package
+    (whose version, not a commit, says what measured)."""
+    if not (REPO_ROOT / ".git").exists():
+        return None
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
@@ -170,21 +211,32 @@ def git_state() -> tuple[str | None, bool]:
 
 
 def update_baseline(results: Path, dest: Path | None = None, allow_dirty: bool = False) -> Path:
-    commit, clean = git_state()
-    if not clean and not allow_dirty:
-        raise InputError(
-            "the working tree is not clean: commit first, so the baseline records the commit it "
-            "came from (or pass --allow-dirty for a local experiment)"
-        )
-    records = [r for r in load_records(results, kind="train")]
-    b = baseline_from_records(records, source=str(results), commit=commit if clean else f"{commit}-dirty")
+    """Write a baseline from `results` to `dest` (default: results/baselines/<gpu>.json in the working directory).
+    In a source checkout the tree must be clean, so the baseline names the commit it came from; an installed
+    package records its version instead."""
+    from . import __version__
+
+    state = git_state()
+    if state is not None:
+        commit, clean = state
+        if not clean and not allow_dirty:
+            raise InputError(
+                "the working tree is not clean: commit first, so the baseline records the commit it "
+                "came from (or pass --allow-dirty for a local experiment)"
+            )
+        commit = commit if clean else f"{commit}-dirty"
+    else:
+        commit = None
+    records = load_records(results, kind="train")
+    if not records:
+        raise InputError(f"{results}: no training records to make a baseline from")
+    b = baseline_from_records(records, source=str(results), commit=commit)
+    b["provenance"]["qlora_bench_version"] = __version__
     if dest is None:
         from .profiles import slug_for
 
-        dest = REPO_ROOT / "results" / "baselines" / f"{slug_for(b['gpu'])}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(b, indent=2, sort_keys=True) + "\n")
-    return dest
+        dest = Path("results") / "baselines" / f"{slug_for(b['gpu'])}.json"
+    return write_text(dest, json.dumps(b, indent=2, sort_keys=True, allow_nan=False) + "\n", "baseline file")
 
 
 # ---- comparison -------------------------------------------------------------------------------------------
@@ -230,9 +282,9 @@ def compare(new: dict, base: dict, tol: Tolerances = Tolerances(), allow_missing
 
 
 def _judge(name, metric, b, n, tol, higher_is_worse: bool, noise: float = 0.0) -> Change:
-    if b is None or n is None:
+    if b is None or n is None or not b:  # not measured on one side (a 0 baseline is no measurement either)
         return Change(name, metric, b, n, "ok" if b == n else "missing", tol)
-    change = n / b - 1 if b else 0.0
+    change = n / b - 1
     worse = change if higher_is_worse else -change
     if worse > tol:
         status = "regression" if worse > max(tol, noise) else "within noise"

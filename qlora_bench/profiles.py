@@ -8,22 +8,19 @@ The data files live in the repository's top-level `profiles/` folder; a wheel sh
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import os
 import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
-from .errors import InputError, closest, read_json
+from .errors import InputError, closest, file_kind, parse_json, read_json, read_json_object, shown, type_name
+from .schema import load, rule
 from .units import GiB, MiB
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
-
-# transformers' per-architecture default for tie_word_embeddings when config.json omits it
-# (LlamaConfig/MistralConfig/MixtralConfig/Qwen2Config/Phi3Config: False; Gemma2Config: True).
-_TIE_DEFAULT = {"llama": False, "mistral": False, "mixtral": False, "qwen2": False, "gemma2": True, "phi3": False}
 
 
 def profiles_dir() -> Path:
@@ -79,6 +76,9 @@ class ModelSpec:
     num_experts: int = 1
     experts_per_token: int = 1
     final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    max_position_embeddings: int | None = None
+    defaulted: tuple = ()  # (field, value): size fields config.json left out, taken from transformers' defaults
     hf_id: str | None = None
     note: str | None = None
     config: dict = field(default_factory=dict, compare=False, repr=False)
@@ -157,63 +157,171 @@ class ModelSpec:
         return self.embedding_params + self.lm_head_params + self.norm_params + self.num_layers * per_layer
 
 
-def _need(cfg: dict, key: str, where: str) -> int:
-    if key not in cfg or cfg[key] is None:
-        raise InputError(f"{where}: missing field '{key}'")
-    v = cfg[key]
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise InputError(f"{where}: field '{key}' must be a positive integer, got {v!r}")
-    return v
+# ---- config.json ------------------------------------------------------------------------------------------
+# transformers 5.23.0's defaults for the config fields the estimator reads, per model_type: the dataclass
+# defaults of LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Gemma2Config and Phi3Config. A field a
+# config.json leaves out takes these values, exactly as AutoConfig.from_dict would (a Mixtral config without
+# num_local_experts is an 8-expert model, not a dense one). tests/test_profiles.py checks this table against the
+# installed transformers. None means "derived": head_dim = hidden_size // num_attention_heads, num_key_value_heads
+# = num_attention_heads (what the configs' __post_init__ and the attention modules do).
+CONFIG_DEFAULTS: dict[str, dict] = {
+    "llama": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=None, head_dim=None, max_position_embeddings=2048, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False,
+    ),
+    "mistral": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=None, max_position_embeddings=131072, tie_word_embeddings=False,
+    ),
+    "mixtral": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=None, max_position_embeddings=131072, tie_word_embeddings=False,
+        num_local_experts=8, num_experts_per_tok=2,
+    ),
+    "qwen2": dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, head_dim=None, max_position_embeddings=32768, tie_word_embeddings=False,
+    ),
+    "gemma2": dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, tie_word_embeddings=True,
+        attention_bias=False, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+    ),
+    "phi3": dict(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=None, head_dim=None, max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
+}
+SUPPORTED_MODEL_TYPES = tuple(CONFIG_DEFAULTS)
+# null in these means "derive it" (transformers: `int | None` fields); elsewhere null is refused, as the strict
+# configs of transformers 5.x refuse it (`max_position_embeddings: null` is a TypeError there)
+_NULL_MEANS_DERIVED = ("num_key_value_heads", "head_dim")
+# fields that size the model: when a config.json leaves one out, plan says that transformers' default was used
+SIZE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+    "num_local_experts", "num_experts_per_tok",
+)
+
+
+@dataclass(frozen=True)
+class ConfigFields:
+    """The config.json fields the estimator reads, typed as transformers' strict configs type them. The upper
+    bounds are far beyond any released model (64x the largest dimension in use) and refuse only typos."""
+
+    model_type: Literal[SUPPORTED_MODEL_TYPES]
+    vocab_size: int = rule(ge=1, le=1 << 24)
+    hidden_size: int = rule(ge=1, le=1 << 20)
+    intermediate_size: int = rule(ge=1, le=1 << 22)
+    num_hidden_layers: int = rule(ge=1, le=1 << 14)
+    num_attention_heads: int = rule(ge=1, le=1 << 14)
+    max_position_embeddings: int = rule(ge=1, le=1 << 30)
+    num_key_value_heads: int | None = rule(None, ge=1, le=1 << 14)
+    head_dim: int | None = rule(None, ge=1, le=1 << 14)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    num_local_experts: int = rule(1, ge=1, le=1 << 14)
+    num_experts_per_tok: int = rule(1, ge=1, le=1 << 14)
+    final_logit_softcapping: float | None = rule(None, gt=0, le=1e6)
+    attn_logit_softcapping: float | None = rule(None, gt=0, le=1e6)
+
+    def check(self, where: str) -> None:
+        heads, kv = self.num_attention_heads, self.num_key_value_heads or self.num_attention_heads
+        if heads % kv:
+            raise InputError(
+                f"{where}: field 'num_key_value_heads' is {kv}; expected a divisor of num_attention_heads "
+                f"({heads}): each key/value head serves a whole group of query heads"
+            )
+        if self.model_type in ("llama", "gemma2") and self.hidden_size % heads:
+            # LlamaConfig / Gemma2Config.validate_architecture refuse this
+            raise InputError(
+                f"{where}: field 'hidden_size' is {self.hidden_size}; expected a multiple of num_attention_heads "
+                f"({heads}), as transformers' {self.model_type} config requires"
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise InputError(
+                f"{where}: field 'num_experts_per_tok' is {self.num_experts_per_tok}; expected at most "
+                f"num_local_experts ({self.num_local_experts}): a token cannot be routed to more experts than exist"
+            )
+
+
+# the largest model the planner accepts: 20 T parameters, 10x the largest published dense or MoE model
+MAX_TOTAL_PARAMS = 20 * 10**12
 
 
 def model_from_config(cfg: dict, name: str, where: str, **meta) -> ModelSpec:
-    """Build a ModelSpec from config.json fields, with transformers' defaults for omitted ones."""
+    """Build a ModelSpec from config.json fields, with transformers' defaults for the fields it leaves out."""
     if not isinstance(cfg, dict):
-        raise InputError(f"{where}: expected a JSON object of config.json fields")
+        raise InputError(f"{where}: expected a JSON object of config.json fields, found {type_name(cfg)}")
     mt = cfg.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise InputError(f"{where}: field 'model_type' is {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    h = _need(cfg, "hidden_size", where)
-    heads = _need(cfg, "num_attention_heads", where)
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or h // heads
-    if not isinstance(kv, int) or kv <= 0 or heads % kv:
-        raise InputError(f"{where}: field 'num_key_value_heads' must divide num_attention_heads ({heads}), got {kv!r}")
-    experts = cfg.get("num_local_experts", 1) if mt == "mixtral" else 1
+    if mt not in CONFIG_DEFAULTS:
+        raise InputError(
+            f"{where}: field 'model_type' is {shown(mt)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    defaults = CONFIG_DEFAULTS[mt]
+    given = {
+        k: v
+        for k, v in cfg.items()
+        if (k in defaults or k == "head_dim") and not (v is None and k in _NULL_MEANS_DERIVED)
+    }
+    f = load(ConfigFields, {**defaults, **given, "model_type": mt}, where)
+    heads = f.num_attention_heads
+    experts = f.num_local_experts if mt == "mixtral" else 1
     spec = ModelSpec(
         name=name,
         model_type=mt,
-        hidden_size=h,
-        intermediate_size=_need(cfg, "intermediate_size", where),
-        num_layers=_need(cfg, "num_hidden_layers", where),
+        hidden_size=f.hidden_size,
+        intermediate_size=f.intermediate_size,
+        num_layers=f.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=kv,
-        head_dim=head_dim,
-        vocab_size=_need(cfg, "vocab_size", where),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", _TIE_DEFAULT[mt])),
-        # Qwen2Attention always has q/k/v biases; Llama/Mistral follow `attention_bias` (o_proj too).
-        qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
-        o_bias=bool(cfg.get("attention_bias", False)) if mt in ("llama",) else False,
-        mlp_bias=bool(cfg.get("mlp_bias", False)) if mt == "llama" else False,
+        num_kv_heads=f.num_key_value_heads or heads,
+        head_dim=f.head_dim or f.hidden_size // heads,
+        vocab_size=f.vocab_size,
+        tie_word_embeddings=f.tie_word_embeddings,
+        max_position_embeddings=f.max_position_embeddings,
+        # Qwen2Attention always has q/k/v biases; Llama follows `attention_bias` for q/k/v/o, Gemma-2 too.
+        qkv_bias=True if mt == "qwen2" else (f.attention_bias if mt in ("llama", "gemma2") else False),
+        o_bias=f.attention_bias if mt in ("llama", "gemma2") else False,
+        mlp_bias=f.mlp_bias if mt == "llama" else False,
         num_experts=experts,
-        experts_per_token=cfg.get("num_experts_per_tok", 2) if experts > 1 else 1,
-        final_logit_softcapping=cfg.get("final_logit_softcapping") if mt == "gemma2" else None,
+        experts_per_token=f.num_experts_per_tok if experts > 1 else 1,
+        final_logit_softcapping=f.final_logit_softcapping if mt == "gemma2" else None,
+        attn_logit_softcapping=f.attn_logit_softcapping if mt == "gemma2" else None,
+        defaulted=tuple((k, defaults[k]) for k in SIZE_FIELDS if k in defaults and k not in cfg),
         config=cfg,
         **meta,
     )
+    if spec.total_params > MAX_TOTAL_PARAMS:
+        raise InputError(
+            f"{where}: these fields describe a model of {spec.total_params / 1e12:,.0f} T parameters; expected at "
+            f"most {MAX_TOTAL_PARAMS // 10**12} T (check hidden_size, intermediate_size, num_hidden_layers, "
+            "vocab_size)"
+        )
     return spec
 
 
 # ---- model resolution ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelProfile:
+    """A file in profiles/models/: config.json fields of a published model, with where they came from."""
+
+    name: str = rule(pattern=r"[a-z0-9][a-z0-9._-]{0,99}", hint="a lower-case profile name")
+    source: str = rule(nonempty=True, hint="where the config.json fields came from")
+    config: dict = rule(nonempty=True, hint="the model's config.json fields")
+    aliases: list[str] = rule(factory=list, max_len=100)
+    hf_id: str | None = None
+    note: str | None = None
+    path: str = ""  # the file it was read from (set by the loader, not in the file)
+
+
 @cache
-def _model_profiles() -> dict[str, dict]:
+def _model_profiles() -> dict[str, ModelProfile]:
     out = {}
     for path in sorted((profiles_dir() / "models").glob("*.json")):
-        data = read_json(path)
-        for key in ("name", "config", "source"):
-            if key not in data:
-                raise InputError(f"{path}: missing field '{key}'")
-        out[data["name"]] = data
+        data = read_json_object(path, "model profile")
+        p = load(ModelProfile, {k: v for k, v in data.items() if k != "path"}, str(path))
+        out[p.name] = dataclasses.replace(p, path=str(path))
     return out
 
 
@@ -221,8 +329,8 @@ def _model_profiles() -> dict[str, dict]:
 def _model_index() -> dict[str, str]:
     """lower-cased name / alias / hub id -> profile name."""
     idx = {}
-    for name, data in _model_profiles().items():
-        for key in [name, *data.get("aliases", []), data.get("hf_id") or ""]:
+    for name, p in _model_profiles().items():
+        for key in [name, *p.aliases, p.hf_id or ""]:
             if key:
                 idx[key.lower()] = name
     return idx
@@ -232,57 +340,99 @@ def model_names() -> list[str]:
     return list(_model_profiles())
 
 
+def model_profile(name: str) -> ModelProfile:
+    return _model_profiles()[name]
+
+
+@cache
 def load_model_profile(name: str) -> ModelSpec:
-    data = _model_profiles()[name]
-    path = profiles_dir() / "models" / f"{name}.json"
-    return model_from_config(
-        data["config"], name, str(path), source=data["source"], hf_id=data.get("hf_id"), note=data.get("note")
-    )
+    p = _model_profiles()[name]
+    return model_from_config(p.config, name, p.path, source=p.source, hf_id=p.hf_id, note=p.note)
 
 
 def _read_config_file(path: Path) -> ModelSpec:
-    if path.is_dir():
+    if file_kind(path) == "a folder":
+        if file_kind(path / "config.json") == "missing":
+            raise InputError(f"{path}: a folder without config.json; give the model's config.json or its folder")
         path = path / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path}: no such config file")
-    cfg = read_json(path)
+    cfg = read_json(path, "config.json")
     name = path.parent.name if path.name == "config.json" else path.stem
     return model_from_config(cfg, name or str(path), str(path), source=f"local file {path}")
+
+
+# A hub id is `owner/name`, each at most 96 characters of letters, digits, '-', '_', '.' (huggingface_hub's
+# REPO_ID_REGEX and its length check in validate_repo_id)
+_HUB_ID = re.compile(r"[\w.-]{1,96}/[\w.-]{1,96}", re.ASCII)
 
 
 def _fetch_hub_config(repo_id: str) -> ModelSpec:
     url = f"https://huggingface.co/{repo_id}/resolve/main/config.json"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (fixed https host)
-            cfg = json.loads(resp.read().decode())
-    except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as e:
+            text = resp.read(1 << 20).decode("utf-8", errors="replace")
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise InputError(
             f"cannot fetch config.json for hub id '{repo_id}' ({reason}); offline? download its config.json "
             "and pass the file path, or use a built-in profile (qlora-bench profiles)"
         ) from None
+    cfg = parse_json(text, f"hub:{repo_id}")
     return model_from_config(cfg, repo_id, f"hub:{repo_id}", source=f"{url}", hf_id=repo_id)
+
+
+def _local_path(arg: str) -> Path | None:
+    """`arg` as a path that exists (or names a .json file), or None. A path the OS cannot even look at (a name
+    too long, a '~user' that does not exist, a NUL byte) is not a path the user meant to give."""
+    try:
+        path = Path(arg).expanduser()
+    except RuntimeError:  # '~nosuchuser/...'
+        path = Path(arg)
+    if "\0" in arg:
+        raise InputError(f"--model {shown(arg)}: not a usable file path (a NUL character)")
+    if os.path.lexists(path):
+        return path
+    return path if arg.endswith(".json") else None
 
 
 def resolve_model(arg: str) -> ModelSpec:
     """A profile name or alias, a local config.json (file or folder), or a hub id (needs network)."""
     key = arg.strip().lower()
+    if not key:
+        raise InputError("--model is empty: give a profile name (qlora-bench profiles), a config.json or a hub id")
     if key in _model_index():
         return load_model_profile(_model_index()[key])
-    path = Path(arg).expanduser()
-    if path.exists() or arg.endswith(".json"):
+    path = _local_path(arg)
+    if path is not None:
         return _read_config_file(path)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", arg):
+    if _HUB_ID.fullmatch(arg):
         return _fetch_hub_config(arg)
-    hint = closest(key, list(_model_index()))
+    hint = closest(key[:100], list(_model_index()))
     raise InputError(
-        f"unknown model '{arg}'"
+        f"unknown model {shown(arg)}"
         + (f"; closest profiles: {', '.join(hint)}" if hint else "")
         + " (see `qlora-bench profiles`; a config.json path or hub id also works)"
     )
 
 
 # ---- GPUs ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuProfile:
+    """A file in profiles/gpus/: a board's memory as NVML reports it and its datasheet throughput."""
+
+    name: str = rule(pattern=r"[a-z0-9][a-z0-9._-]{0,99}", hint="a lower-case profile name")
+    memory_total_MiB: int = rule(ge=1, le=1 << 24, hint="NVML memory.total in MiB")
+    memory_source: str = rule(nonempty=True)
+    bf16_supported: bool = rule()
+    aliases: list[str] = rule(factory=list, max_len=100)
+    device_name: str = ""
+    dense_bf16_TFLOPS: float | None = rule(None, gt=0, le=1e5)
+    dense_fp16_TFLOPS: float | None = rule(None, gt=0, le=1e5)
+    memory_bandwidth_GBps: float | None = rule(None, gt=0, le=1e6)
+    throughput_source: str | None = None
+    launch_year: int | None = rule(None, ge=2000, le=2100, hint="year NVIDIA launched the board")
+    launch_source: str | None = None
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     name: str
@@ -293,6 +443,7 @@ class GpuSpec:
     dense_tflops: float | None = None  # bf16 (fp16 where bf16 is unsupported)
     memory_bandwidth_GBps: float | None = None
     generic: bool = False
+    launch_year: int | None = None
 
     @property
     def label(self) -> str:
@@ -300,24 +451,19 @@ class GpuSpec:
 
 
 @cache
-def _gpu_profiles() -> dict[str, dict]:
+def _gpu_profiles() -> dict[str, GpuProfile]:
     out = {}
     for path in sorted((profiles_dir() / "gpus").glob("*.json")):
-        data = read_json(path)
-        for key in ("name", "memory_total_MiB", "bf16_supported", "memory_source"):
-            if key not in data:
-                raise InputError(f"{path}: missing field '{key}'")
-        if not isinstance(data["memory_total_MiB"], int) or data["memory_total_MiB"] <= 0:
-            raise InputError(f"{path}: field 'memory_total_MiB' must be a positive integer")
-        out[data["name"]] = data
+        p = load(GpuProfile, read_json_object(path, "GPU profile"), str(path))
+        out[p.name] = p
     return out
 
 
 @cache
 def _gpu_index() -> dict[str, str]:
     idx = {}
-    for name, data in _gpu_profiles().items():
-        for key in [name, *data.get("aliases", [])]:
+    for name, p in _gpu_profiles().items():
+        for key in [name, *p.aliases]:
             idx[key.lower()] = name
     return idx
 
@@ -326,30 +472,38 @@ def gpu_names() -> list[str]:
     return list(_gpu_profiles())
 
 
+def gpu_profile(name: str) -> GpuProfile:
+    return _gpu_profiles()[name]
+
+
 def _gpu_from_profile(name: str, count: int) -> GpuSpec:
     d = _gpu_profiles()[name]
     return GpuSpec(
         name=name,
-        memory_total_bytes=d["memory_total_MiB"] * MiB,
+        memory_total_bytes=d.memory_total_MiB * MiB,
         count=count,
-        device_name=d.get("device_name", ""),
-        bf16_supported=d["bf16_supported"],
-        dense_tflops=d.get("dense_bf16_TFLOPS", d.get("dense_fp16_TFLOPS")),
-        memory_bandwidth_GBps=d.get("memory_bandwidth_GBps"),
+        device_name=d.device_name,
+        bf16_supported=d.bf16_supported,
+        dense_tflops=d.dense_bf16_TFLOPS or d.dense_fp16_TFLOPS,
+        memory_bandwidth_GBps=d.memory_bandwidth_GBps,
+        launch_year=d.launch_year,
     )
 
 
 def gpu_from_device_name(device_name: str | None) -> GpuSpec | None:
     """The profile whose `device_name` is what torch / NVML report for this board (e.g. records' gpu_name)."""
-    if not device_name:
+    if not device_name or not isinstance(device_name, str):
         return None
     for name, d in _gpu_profiles().items():
-        if d.get("device_name", "").lower() == device_name.lower():
+        if d.device_name.lower() == device_name.lower():
             return _gpu_from_profile(name, 1)
     return None
 
 
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|g)$")
+MAX_GPUS = 64  # one job's GPU count: 8 nodes of 8; beyond that the plan is a cluster question, not a memory one
+_COUNT = re.compile(r"^(\d+)\s*[x*]\s*(.*)$")
+_SIZE = re.compile(r"^(\d{1,5}(?:\.\d{1,3})?)(gb|gib|g)$")
+GPU_HELP = "a profile (h100, rtx-4090; see qlora-bench profiles), a size (24gb, 48GiB) or a count (2x24gb, 2xh100)"
 
 
 def resolve_gpu(arg: str) -> GpuSpec:
@@ -359,25 +513,34 @@ def resolve_gpu(arg: str) -> GpuSpec:
     ~48 GiB (RTX A6000: 49,140 MiB), so '48gb' and '48GiB' both mean 48 GiB.
     """
     key = arg.strip().lower().replace("_", "-")
+    if not key:
+        raise InputError(f"--gpu is empty: give {GPU_HELP}")
     count = 1
-    m = re.match(r"^(\d+)\s*[x*]\s*(.+)$", key)
+    m = _COUNT.match(key)
     if m:
-        count, key = int(m.group(1)), m.group(2).strip()
-        if count < 1 or count > 64:
-            raise InputError(f"GPU count in '{arg}' must be between 1 and 64")
+        digits, key = m.group(1), m.group(2).strip()
+        if len(digits) > 3 or not 1 <= int(digits) <= MAX_GPUS:
+            raise InputError(f"GPU count in {shown(arg)} must be between 1 and {MAX_GPUS}")
+        if not key:
+            raise InputError(f"--gpu {shown(arg)}: say which GPU after the count, e.g. 2x24gb or 2xh100")
+        count = int(digits)
     if key in _gpu_index():
         return _gpu_from_profile(_gpu_index()[key], count)
-    m = _SIZE.match(key.replace(" ", ""))
+    compact = key.replace(" ", "")
+    m = _SIZE.match(compact)
     if m:
         size = float(m.group(1))
         if not 1 <= size <= 1024:
-            raise InputError(f"GPU memory '{arg}' is out of range: give 1-1024 GB per GPU (e.g. 24gb, 2x24gb)")
+            raise InputError(f"GPU memory {shown(arg)} is out of range: give 1-1024 GB per GPU (e.g. 24gb, 2x24gb)")
         return GpuSpec(name=f"{size:g}GiB", memory_total_bytes=int(size * GiB), count=count, generic=True)
-    if re.match(r"^\d+(\.\d+)?\s*(tb|mb|m|t|kb)$", key.replace(" ", "")):
-        raise InputError(f"GPU memory '{arg}': use GB or GiB per GPU (e.g. 48gb, 24GiB, 2x24gb)")
-    hint = closest(key, list(_gpu_index()))
+    if re.fullmatch(r"\d+(\.\d+)?", compact):
+        sized = f"{compact}gb" if len(compact) <= 8 else "24gb"
+        raise InputError(f"--gpu {shown(arg)}: a size needs a unit: {sized} (or {compact[:8]}GiB); or a profile name")
+    if re.fullmatch(r"\d+(\.\d+)?(tb|tib|t|mb|mib|m|kb)", compact):
+        raise InputError(f"GPU memory {shown(arg)}: use GB or GiB per GPU (e.g. 48gb, 24GiB, 2x24gb)")
+    hint = closest(key[:100], list(_gpu_index()))
     raise InputError(
-        f"unknown GPU '{arg}'"
+        f"unknown GPU {shown(arg)}"
         + (f"; closest profiles: {', '.join(hint)}" if hint else "")
         + "; or give a size such as 24gb, 48GiB, 2x24gb"
     )
@@ -385,10 +548,12 @@ def resolve_gpu(arg: str) -> GpuSpec:
 
 def slug_for(gpu_name: str | None) -> str:
     """Folder / file name for a GPU model: 'h100' for 'NVIDIA H100 80GB HBM3', 'geforce-rtx-4090', or 'cpu'."""
-    if not gpu_name:
+    if not gpu_name or not isinstance(gpu_name, str):
         return "cpu"
     words = gpu_name.lower().replace("nvidia", "").split()
-    return words[0] if words and words[0] in ("h100", "h200", "b200", "gh200") else "-".join(words)
+    if words and words[0] in ("h100", "h200", "b200", "gh200"):
+        return words[0]
+    return re.sub(r"[^a-z0-9._-]+", "-", "-".join(words))[:64].strip("-.") or "gpu"
 
 
 def gpu_slug() -> str:

@@ -7,9 +7,11 @@ checkpointing, micro-batch 1, 2048 tokens, sdpa attention.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 from .errors import InputError
+from .schema import check_fields, load, rule
 
 METHODS = ("qlora", "lora", "full")
 QUANT_TYPES = ("nf4", "fp4")
@@ -36,35 +38,65 @@ TARGET_PRESETS = ("all-linear", "attn", "mlp")
 DEFAULT_OPTIMIZER = {"qlora": "paged_adamw_8bit", "lora": "adamw_torch_fused", "full": "adamw_torch_fused"}
 
 
+# Bounds where the physics has them. A micro-batch, sequence or accumulation beyond these is a typo, not a plan:
+# 2^24 tokens is 16x the longest context any profiled model supports; 2^16 is beyond any LoRA rank in use
+# (LoRA paper: r <= 64; rsLoRA experiments go to 2048) and the module's own width bounds it further.
+MAX_BATCH = 1 << 20
+MAX_SEQ = 1 << 24
+MAX_GRAD_ACCUM = 1 << 20
+MAX_RANK = 1 << 16
+MAX_TOKENS_PER_STEP = 1 << 30
+
+
+def canonical_targets(targets: str) -> str:
+    """'q_proj, v_proj,q_proj' -> 'q_proj,v_proj'; presets lower-cased. Module names are case-sensitive (peft
+    matches them as written), so only presets are folded."""
+    if not isinstance(targets, str):
+        return targets  # the schema check names the wrong type
+    names = [n.strip() for n in targets.split(",")]
+    if len(names) == 1 and names[0].lower() in TARGET_PRESETS:
+        return names[0].lower()
+    if not all(names):
+        return targets  # an empty name: left as given, for the schema to refuse and show
+    return ",".join(dict.fromkeys(names))  # dict keeps the first of duplicates, in order
+
+
 @dataclass(frozen=True)
 class Settings:
-    method: str = "qlora"
-    quant: str = "nf4"
+    method: Literal[METHODS] = "qlora"
+    quant: Literal[QUANT_TYPES] = "nf4"
     double_quant: bool = True
-    blocksize: int = 64  # bitsandbytes quantize_4bit default
-    compute_dtype: str = "bf16"
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: str = "all-linear"
-    optimizer: str = "paged_adamw_8bit"
+    # bitsandbytes quantize_4bit blocksizes (powers of two, 32..4096); 64 is its default
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    compute_dtype: Literal[DTYPES] = "bf16"
+    rank: int = rule(16, ge=1, le=MAX_RANK, hint="LoRA rank")
+    alpha: float = rule(32, gt=0, le=1e6, hint="LoRA alpha")
+    dropout: float = rule(0.05, ge=0, lt=1, hint="LoRA dropout")
+    targets: str = rule(
+        "all-linear",
+        nonempty=True,
+        max_len=2000,
+        pattern=r"[\w.*-]+(,[\w.*-]+)*",
+        hint="all-linear, attn, mlp or a comma list of module names such as q_proj,v_proj",
+    )
+    optimizer: Literal[tuple(OPTIMIZERS)] = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
-    batch: int = 1
-    seq: int = 2048
-    grad_accum: int = 1
-    attn: str = "sdpa"
+    batch: int = rule(1, ge=1, le=MAX_BATCH, hint="micro-batch size")
+    seq: int = rule(2048, ge=1, le=MAX_SEQ, hint="tokens per sequence")
+    grad_accum: int = rule(1, ge=1, le=MAX_GRAD_ACCUM, hint="gradient accumulation steps")
+    attn: Literal[ATTN] = "sdpa"
     upcast_non_quantized: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", canonical_targets(self.targets))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Settings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d).validated()
+    def from_dict(cls, d: dict, where: str = "settings") -> Settings:
+        """Settings from a record, sweep entry or file: every field type- and range-checked (schema.load)."""
+        return load(cls, d, where)
 
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -81,38 +113,21 @@ class Settings:
     def tokens_per_step(self) -> int:
         return self.batch * self.seq
 
-    def validated(self) -> Settings:
+    def validated(self, where: str = "settings") -> Settings:
         """Return self, or raise InputError naming the impossible value and what would be right."""
-        if self.method not in METHODS:
-            raise InputError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
-        if self.quant not in QUANT_TYPES:
-            raise InputError(f"quant '{self.quant}' is not one of {', '.join(QUANT_TYPES)}")
-        if self.compute_dtype not in DTYPES:
-            raise InputError(f"compute dtype '{self.compute_dtype}' is not one of {', '.join(DTYPES)}")
-        if self.attn not in ATTN:
-            raise InputError(f"attention '{self.attn}' is not one of {', '.join(ATTN)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"optimizer '{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise InputError(
-                f"blocksize {self.blocksize} is not a bitsandbytes 4-bit blocksize (32..4096, powers of 2)"
-            )
-        for name in ("batch", "seq", "grad_accum"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if self.uses_adapters:
-            if not isinstance(self.rank, int) or self.rank < 1:
-                raise InputError(f"rank must be a positive integer, got {self.rank!r}")
-            if self.alpha <= 0:
-                raise InputError(f"alpha must be positive, got {self.alpha!r}")
-            if not 0 <= self.dropout < 1:
-                raise InputError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-            if not self.targets.strip():
-                raise InputError("targets is empty: use all-linear, attn, mlp or a comma list such as q_proj,v_proj")
-        if self.method != "qlora" and self.quant != "nf4":
-            raise InputError(f"quant '{self.quant}' applies only to method qlora (method is {self.method})")
+        check_fields(self, where)
+        self.check(where)
         return self
+
+    def check(self, where: str) -> None:
+        """Rules between fields (schema.load calls this after the per-field checks)."""
+        if self.method != "qlora" and self.quant != "nf4":
+            raise InputError(f"{where}: quant '{self.quant}' applies only to method qlora (method is {self.method})")
+        if self.tokens_per_step > MAX_TOKENS_PER_STEP:
+            raise InputError(
+                f"{where}: batch {self.batch} x seq {self.seq} = {self.tokens_per_step:,} tokens per micro-batch; "
+                f"expected at most {MAX_TOKENS_PER_STEP:,} (2^30)"
+            )
 
     def describe(self) -> str:
         """One line a person reads: the settings that change memory most."""

@@ -98,7 +98,8 @@ def test_baseline_from_committed_records_and_cli_exit_codes(tmp_path, capsys):
     assert main(["compare", str(RESULTS_DIR / "h100"), str(base)]) == 0
     worse = copy.deepcopy(b)
     for c in worse["configs"].values():
-        c["peak_device_bytes"] = int(c["peak_device_bytes"] * 0.9)  # the baseline used 10 % less
+        if c["peak_device_bytes"]:  # throughput-only records carry no memory
+            c["peak_device_bytes"] = int(c["peak_device_bytes"] * 0.9)  # the baseline used 10 % less
     (tmp_path / "better.json").write_text(json.dumps(worse))
     assert main(["compare", str(RESULTS_DIR / "h100"), str(tmp_path / "better.json")]) == 1
     capsys.readouterr()

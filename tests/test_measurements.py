@@ -79,9 +79,21 @@ def test_committed_calibration_is_a_fresh_fit():
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/measurements not beside this checkout")
 def test_import_is_reproducible(tmp_path):
-    out = tmp_path / "imported.jsonl"
-    import_shared(SHARED, out)
-    assert out.read_text() == (RESULTS_DIR / "h100" / "hf-stack-shared.jsonl").read_text()
+    """Every shared measurement file imports into the committed results file of the same name, byte for byte."""
+    written = import_shared(SHARED, tmp_path / "h100")
+    assert {p.name for p in written} == {"hf-stack-shared.jsonl", "throughput-shared.jsonl"}
+    for path in written:
+        assert path.read_text() == (RESULTS_DIR / "h100" / path.name).read_text()
+
+
+def test_throughput_only_records_carry_no_memory():
+    """The shared throughput-only records (memory withheld) import without memory fields, so memory validation and
+    calibration never see them; their step times are there."""
+    recs = load_records(RESULTS_DIR / "h100" / "throughput-shared.jsonl")
+    assert len(recs) >= 9
+    for r in recs:
+        assert r.ok and r.measured["tokens_per_sec"] > 0 and r.measured["step_seconds"]
+        assert "peak_device_bytes" not in r.measured and "peak_allocated_bytes" not in r.measured
 
 
 def test_truncated_last_line_is_tolerated(tmp_path):
@@ -89,3 +101,17 @@ def test_truncated_last_line_is_tolerated(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text(src + src.splitlines()[0][:100])
     assert len(load_records(f)) == len(src.splitlines())
+
+
+def test_garbage_last_line_is_not_mistaken_for_a_torn_one(tmp_path):
+    from qlora_bench.errors import InputError
+
+    src = (RESULTS_DIR / "h100" / "hf-stack-shared.jsonl").read_text()
+    f = tmp_path / "r.jsonl"
+    for tail in ("hello world", "hello world\n", "{not json\n"):
+        f.write_text(src + tail)
+        with pytest.raises(InputError, match=f"{f.name}:{len(src.splitlines()) + 1}"):
+            load_records(f)
+    f.write_text("garbage\n")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_records(f)

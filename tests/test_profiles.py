@@ -2,6 +2,8 @@
 
 from collections import Counter
 
+import pytest
+
 from qlora_bench import profiles
 
 
@@ -26,7 +28,7 @@ def test_aliases_unique():
     for getter in (profiles._model_profiles, profiles._gpu_profiles):
         keys = []
         for name, d in getter().items():
-            keys += [name.lower(), *(a.lower() for a in d.get("aliases", []))]
+            keys += [name.lower(), *(a.lower() for a in d.aliases)]
         dup = [k for k, n in Counter(keys).items() if n > 1]
         assert not dup
 
@@ -49,3 +51,48 @@ def test_h100_memory_matches_measurement():
 def test_generic_sizes():
     g = profiles.resolve_gpu("2x24gb")
     assert g.count == 2 and g.memory_total_bytes == 24 * 1024**3 and g.generic
+
+
+def test_config_defaults_are_the_installed_transformers_defaults():
+    """CONFIG_DEFAULTS (used for fields a config.json leaves out) equals the dataclass defaults of transformers'
+    own config classes in the pinned version."""
+    import dataclasses
+
+    from transformers import CONFIG_MAPPING
+
+    for model_type, defaults in profiles.CONFIG_DEFAULTS.items():
+        fields = {f.name: f for f in dataclasses.fields(CONFIG_MAPPING[model_type])}
+        for key, value in defaults.items():
+            if key not in fields:  # head_dim is read with getattr(config, "head_dim", hidden // heads)
+                assert key == "head_dim" and value is None, (model_type, key)
+                continue
+            assert fields[key].default == value, (model_type, key, fields[key].default, value)
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                   "vocab_size", "max_position_embeddings", "tie_word_embeddings"])
+@pytest.mark.parametrize("value", [True, "8", 8.0, [8], {"a": 1}])
+def test_config_types_are_refused_as_transformers_refuses_them(field, value):
+    """A value of the wrong JSON type is refused by transformers' strict LlamaConfig and by the planner alike
+    (the planner names the field)."""
+    from transformers import LlamaConfig
+
+    if field == "tie_word_embeddings" and value is True:
+        value = 1  # true is right there; an integer is not
+    with pytest.raises(Exception):  # noqa: B017 (huggingface_hub's strict-dataclass error types vary)
+        LlamaConfig(**{field: value})
+    with pytest.raises(profiles.InputError, match=f"'{field}'"):
+        profiles.model_from_config({"model_type": "llama", field: value}, "m", "config.json")
+
+
+def test_config_fields_the_planner_accepts_build_in_transformers():
+    """What the planner accepts for the fields it reads, transformers accepts too (on a few shapes)."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    for cfg in ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "head_dim": 16}, {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 4}):
+        spec = profiles.model_from_config(cfg, "m", "config.json")
+        c = (MixtralConfig if cfg["model_type"] == "mixtral" else LlamaConfig)(
+            **{k: v for k, v in cfg.items() if k != "model_type"})
+        assert spec.num_kv_heads == c.num_key_value_heads
+        assert spec.head_dim == (c.head_dim or c.hidden_size // c.num_attention_heads)  # as the attention does

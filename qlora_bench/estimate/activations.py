@@ -72,7 +72,7 @@ def layer_saved_per_token(model: ModelSpec, s: Settings) -> dict[str, int]:
         terms["linear inputs"] = c * (h + k * h + k * i) + o_input
     if s.attn == "eager":  # q, and k and v repeated to all heads; the fp32 softmax and its 16-bit copy
         terms["attention"] = c * (3 * q) + (4 + c) * a * s.seq
-        if model.config.get("attn_logit_softcapping"):  # Gemma-2: tanh(scores / cap) keeps its 16-bit output
+        if model.attn_logit_softcapping:  # Gemma-2: tanh(scores / cap) keeps its 16-bit output
             terms["attention"] += c * a * s.seq
     else:
         terms["attention"] = c * (q + 2 * kv) + c * q + LSE_BYTES * a

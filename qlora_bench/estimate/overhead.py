@@ -7,11 +7,13 @@ below are used only when that file is absent; each names its source.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from ..errors import InputError, read_json_object
+from ..schema import Extra, load, rule
 from ..units import MiB
 
 CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "calibration.json"
@@ -61,14 +63,116 @@ class Overheads:
         return self.safety_margin.get(method, self.safety_margin.get("default", 0.0))
 
 
+# ---- the calibration file's schema ---------------------------------------------------------------------------
+# Bounds of what the fitted constants can physically be: the CUDA context, library runtimes, the cuBLAS workspace
+# and the driver's idle use are each well under 2 GiB on every GPU measured or documented (H100: 0.75, 0.08,
+# 0.06, 0.47 GiB); 16 GiB refuses nonsense (a broken record set) without second-guessing a new GPU.
+MAX_OVERHEAD_BYTES = 16 * 1024**3
+
+
+@dataclass(frozen=True)
+class FittedBytes:
+    value: int = rule(ge=0, le=MAX_OVERHEAD_BYTES)
+    min: int = rule(ge=0, le=MAX_OVERHEAD_BYTES)
+    max: int = rule(ge=0, le=MAX_OVERHEAD_BYTES)
+    n: int = rule(ge=0, le=10**7)
+
+    def check(self, where: str) -> None:
+        if not self.min <= self.value <= self.max:
+            raise InputError(f"{where}: value {self.value} is outside its own range [{self.min}, {self.max}]")
+
+
+@dataclass(frozen=True)
+class FittedFraction:
+    median: float = rule(ge=0, le=10)
+    min: float = rule(ge=0, le=10)
+    max: float = rule(ge=0, le=10)
+    n: int = rule(0, ge=0, le=10**7)
+
+    def check(self, where: str) -> None:
+        if not self.min <= self.median <= self.max:
+            raise InputError(f"{where}: median {self.median} is outside its own range [{self.min}, {self.max}]")
+
+
+@dataclass(frozen=True)
+class AllocatedError:
+    max: float = rule(ge=0, le=1, hint="worst relative error of the allocated peak")
+    median: float = rule(0.0, ge=0, le=1)
+    per_record: dict[str, float] = rule(factory=dict, ge=-1, le=10)
+
+
+@dataclass(frozen=True)
+class ThroughputFit:
+    """Step-time coefficients (throughput.py); absent when fewer than three records had step times."""
+
+    extra = Extra.ALLOW
+    inv_flops_efficiency: float | None = rule(None, ge=1, le=1e4, hint="1 / the fraction of peak FLOP/s reached")
+    seconds_per_layer_full: float | None = rule(None, ge=0, le=10)
+    seconds_per_layer_adapters: float | None = rule(None, ge=0, le=10)
+    inv_bandwidth_efficiency: float | None = rule(None, ge=0, le=1e4)
+    fitted_on: list[str] = rule(factory=list, max_len=500)
+    step_time_rel_error: dict[str, float] = rule(factory=dict, ge=-1, le=1e4)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """qlora_bench/calibration.json, or a file `qlora-bench calibrate --out` wrote."""
+
+    extra = Extra.ALLOW
+    driver_idle_bytes: FittedBytes
+    cuda_context_bytes: FittedBytes
+    bnb_runtime_bytes: FittedBytes
+    cublas_workspace_bytes: FittedBytes
+    reserve_fraction: FittedFraction
+    allocated_rel_error: AllocatedError
+    safety_margin: dict[str, float] = rule(ge=0, lt=1, hint="per method: fraction added before saying fits")
+    fitted_on: list[str] = rule(factory=list, max_len=500)
+    held_out: list[str] = rule(factory=list, max_len=500)
+    source_files: list[str] = rule(factory=list, max_len=4096)
+    gpus: list[str] = rule(factory=list, max_len=200)
+    generated_by: str | None = None
+    throughput: ThroughputFit = rule(factory=ThroughputFit)
+
+    def check(self, where: str) -> None:
+        if "default" not in self.safety_margin:
+            raise InputError(f"{where}: field 'safety_margin' has no 'default'; expected one per method and a default")
+
+
+def read_calibration(path: Path) -> dict:
+    """A calibration file's content, checked against the schema (its raw dict: fit() writes the same shape)."""
+    data = read_json_object(path, "calibration file")
+    load(Calibration, data, str(path))
+    return data
+
+
+# the calibration in use: the packaged file unless `use_calibration` named another (plan --calibration FILE, or
+# the QLORA_BENCH_CALIBRATION environment variable)
+_chosen: Path | None = None
+
+
+def use_calibration(path: str | Path | None) -> None:
+    """Plan, validate and report with this calibration file instead of the packaged one (checked now)."""
+    global _chosen
+    if path is not None:
+        read_calibration(Path(path))
+    _chosen = None if path is None else Path(path)
+    overheads.cache_clear()
+
+
+def calibration_file() -> Path:
+    env = os.environ.get("QLORA_BENCH_CALIBRATION")
+    return _chosen or (Path(env) if env else CALIBRATION_FILE)
+
+
 @cache
 def overheads() -> Overheads:
-    if CALIBRATION_FILE.is_file():
-        cal = json.loads(CALIBRATION_FILE.read_text())
-        source = f"{CALIBRATION_FILE.name}: fitted on {len(cal.get('fitted_on', []))} records"
-        calibrated = True
-    else:
+    path = calibration_file()
+    if path == CALIBRATION_FILE and not path.is_file():
         cal, source, calibrated = _FALLBACK, "uncalibrated literature defaults", False
+    else:
+        cal = read_calibration(path)
+        source = f"{path.name}: fitted on {len(cal.get('fitted_on', []))} records"
+        calibrated = True
 
     def val(key):
         v = cal[key]

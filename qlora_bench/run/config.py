@@ -6,9 +6,30 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from ..schema import load
 from ..settings import Settings
 from .train import RunOptions
+
+
+def model_label(model: str) -> str:
+    """The model part of a readable id: the profile's name for a profile, alias or known hub id ('8b' ->
+    'llama-3.1-8b'), the folder's name for .../config.json (the file's stem for another .json), else the last
+    path part (a model folder, or the name of a hub id)."""
+    from ..profiles import model_names, model_profile
+
+    key = model.strip().lower()
+    for name in model_names():
+        p = model_profile(name)
+        if key in {name, *(a.lower() for a in p.aliases), (p.hf_id or "").lower()}:
+            return name
+    path = Path(model.strip().rstrip("/"))
+    if path.suffix.lower() == ".json":
+        label = path.absolute().parent.name if path.name.lower() == "config.json" else path.stem
+    else:
+        label = path.name
+    return re.sub(r"[^\w.-]+", "_", label or model).lower()
 
 
 @dataclass(frozen=True)
@@ -22,7 +43,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return cls(d["model"], Settings.from_dict(d["settings"]), RunOptions(**d.get("options", {})))
+        return cls(d["model"], Settings.from_dict(d["settings"]), load(RunOptions, d.get("options", {}), "options"))
 
     @property
     def key(self) -> str:
@@ -33,7 +54,7 @@ class RunConfig:
     @property
     def name(self) -> str:
         s = self.settings
-        parts = [re.sub(r"[^\w.-]+", "_", self.model.rstrip("/").split("/")[-1]).lower(), s.method]
+        parts = [model_label(self.model), s.method]
         if s.uses_adapters:
             parts.append(f"r{s.rank}")
         if s.method == "qlora":

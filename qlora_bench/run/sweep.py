@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,8 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, read_text, shown
 from ..results import SCHEMA_VERSION, append_record, read_jsonl
+from ..schema import load, rule
 from ..settings import DEFAULT_OPTIMIZER, Settings
 from .config import RunConfig
 from .train import RunOptions
@@ -47,63 +50,91 @@ class SweepSummary:
     skipped_done: int = 0
 
 
-def _as_list(v):
-    return v if isinstance(v, list) else [v]
+# A sweep of more configurations than this is a mistake in the grid (each one is a real training run in its own
+# process); the product is computed before anything is expanded, so a huge grid is refused at once.
+MAX_CONFIGS = 10_000
+_SCALAR = (str, int, float, bool)
+
+
+@dataclass(frozen=True)
+class SweepFile:
+    """A sweep YAML file (see sweeps/): grid entries, shared defaults, run options."""
+
+    grid: list[dict] = rule(nonempty=True, hint="grid entries: mappings of model and settings fields to values")
+    name: str | None = rule(None, pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", hint="a name usable as a file name")
+    defaults: dict = rule(factory=dict, hint="settings shared by every grid entry")
+    options: RunOptions = rule(factory=RunOptions)
+    timeout_s: float = rule(1800, gt=0, le=7 * 86400, hint="seconds per configuration")
+
+
+def _values(key: str, value, where: str) -> list:
+    """A grid value: one scalar or a non-empty list of them."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, _SCALAR) for v in values):
+        raise InputError(
+            f"{where}: field '{key}' is {shown(value)}; expected a value or a non-empty list of values (e.g. [1, 2])"
+        )
+    if key == "model" and not all(isinstance(v, str) and v.strip() for v in values):
+        raise InputError(f"{where}: field 'model' is {shown(value)}; expected a model name or a list of names")
+    return values
 
 
 def expand(entry: dict, defaults: dict, options: RunOptions, where: str) -> list[RunConfig]:
-    unknown = sorted(set(entry) - GRID_KEYS)
+    unknown = sorted(str(k) for k in {**defaults, **entry} if k not in GRID_KEYS)
     if unknown:
-        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; grid keys: model and the settings fields")
+        raise InputError(
+            f"{where}: unknown key(s) {', '.join(unknown[:5])}; grid keys: model and the settings fields "
+            f"({', '.join(sorted(GRID_KEYS - {'model'}))})"
+        )
     if "model" not in entry and "model" not in defaults:
-        raise InputError(f"{where}: no 'model'")
-    merged = {**defaults, **entry}
+        raise InputError(f"{where}: no 'model' (in the entry or in defaults)")
+    merged = {k: _values(k, v, where) for k, v in {**defaults, **entry}.items()}
+    size = math.prod(len(v) for v in merged.values())
+    if size > MAX_CONFIGS:
+        raise InputError(f"{where}: the grid has {size:,} configurations; expected at most {MAX_CONFIGS:,}")
     keys = list(merged)
     out = []
-    for values in itertools.product(*(_as_list(merged[k]) for k in keys)):
+    for values in itertools.product(*merged.values()):
         d = dict(zip(keys, values, strict=True))
-        model = str(d.pop("model"))
-        d.setdefault("optimizer", DEFAULT_OPTIMIZER.get(d.get("method", "qlora"), "paged_adamw_8bit"))
-        try:
-            s = Settings.from_dict(d)
-        except (InputError, TypeError) as e:
-            raise InputError(f"{where}: {e}") from None
-        out.append(RunConfig(model, s, options))
+        model = d.pop("model")
+        if isinstance(d.get("method"), str):  # the default optimizer follows the method, as on the command line
+            d.setdefault("optimizer", DEFAULT_OPTIMIZER.get(d["method"], "paged_adamw_8bit"))
+        out.append(RunConfig(model, Settings.from_dict(d, where), options))
     return out
 
 
-def from_mapping(data: dict, where: str) -> Sweep:
-    if not isinstance(data, dict) or "grid" not in data:
-        raise InputError(f"{where}: expected a mapping with 'grid' (a list of grid entries)")
-    try:
-        options = RunOptions(**(data.get("options") or {}))
-    except TypeError as e:
-        raise InputError(f"{where}: options: {e}") from None
-    defaults = data.get("defaults") or {}
+def from_mapping(data: object, where: str) -> Sweep:
+    if isinstance(data, dict) and "grid" in data and not isinstance(data["grid"], list):
+        data = {**data, "grid": [data["grid"]]}  # one grid entry without the list
+    f = load(SweepFile, data, where)
     configs = []
-    for i, entry in enumerate(_as_list(data["grid"])):
-        configs += expand(entry, defaults, options, f"{where}: grid[{i}]")
+    for i, entry in enumerate(f.grid):
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: field 'grid[{i}]' is {shown(entry)}; expected a mapping of grid keys")
+        configs += expand(entry, f.defaults, f.options, f"{where}: grid[{i}]")
+        if len(configs) > MAX_CONFIGS:
+            raise InputError(f"{where}: the grid has more than {MAX_CONFIGS:,} configurations")
     seen, unique = set(), []
     for c in configs:
         if c.key not in seen:
             seen.add(c.key)
             unique.append(c)
-    name = data.get("name") or Path(where).stem
-    return Sweep(name=name, configs=order(unique), timeout_s=float(data.get("timeout_s", 1800)), source=where)
+    name = f.name or re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(where).stem)[:100] or "sweep"
+    return Sweep(name=name, configs=order(unique), timeout_s=float(f.timeout_s), source=where)
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such sweep file")
     try:
         import yaml
     except ImportError:
         raise InputError("sweep files need PyYAML: pip install 'qlora-bench[train]'") from None
+    text = read_text(path, "sweep file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not usable YAML (nested too deeply)") from None
     return from_mapping(data, str(path))
 
 
@@ -185,9 +216,31 @@ def run_one(c, timeout_s: float, workdir: Path) -> dict:
     return _base_record(c, "crash", f"worker {why}: {tail}" if tail else f"worker {why}")
 
 
+def _check_cpu(configs: list[RunConfig]) -> None:
+    """Without a GPU, refuse (InputError) when a configuration would not fit in RAM or take ages on the CPU."""
+    from ..profiles import resolve_model
+    from .preflight import check_cpu, train_cost
+
+    costs, specs = [], {}
+    for c in configs:
+        try:
+            spec = specs.setdefault(c.model, resolve_model(c.model))
+        except InputError:  # e.g. a hub id while offline: its worker records the error, the others run
+            continue
+        costs.append((train_cost(spec, c.settings, c.options.warmup + c.options.steps), c.name))
+    check_cpu("sweep", costs)
+
+
 def run_sweep(
-    sweep: Sweep, out: Path, shard_spec: tuple[int, int] | None = None, progress: bool = True, on_record=None
+    sweep: Sweep,
+    out: Path,
+    shard_spec: tuple[int, int] | None = None,
+    progress: bool = True,
+    on_record=None,
+    cpu_check: bool = False,
 ) -> SweepSummary:
+    """Run the configurations not yet in `out`. cpu_check: first refuse, without a GPU, configurations too big
+    for the CPU (qlora-bench sweep without --yes)."""
     configs = shard(sweep.configs, *shard_spec) if shard_spec else sweep.configs
     done = {}
     if out.is_file():
@@ -201,6 +254,8 @@ def run_sweep(
             c = by_key[r["key"]]
             ooms.setdefault(_group(c), []).append((c.settings.batch, c.settings.seq, c.id))
     todo = [c for c in configs if c.key not in done]
+    if cpu_check:
+        _check_cpu(todo)
     summary = SweepSummary(skipped_done=len(configs) - len(todo))
 
     from contextlib import nullcontext
