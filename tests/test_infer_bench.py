@@ -40,3 +40,50 @@ def test_unknown_mode_is_one_line(capsys):
 
     assert main(["infer-bench", "--model", TINY, "--modes", "base16,fast"]) == 2
     assert "unknown mode" in capsys.readouterr().err
+
+
+def _fake_run_one(cfg, timeout, workdir):
+    """A worker's record without a worker: merged16 fails with a message that looks like rich markup."""
+    from qlora_bench.run.sweep import _base_record
+
+    rec = _base_record(cfg, "ok", None)
+    rec["notes"] = []
+    if cfg.mode == "merged16":
+        rec.update(outcome="error", error="RuntimeError: size [2, 8] vs [/dev/shm] [b]",
+                   traceback='  File "/x/qlora_bench/run/infer.py", line 9, in build_serving_model\n')
+    return rec
+
+
+def test_a_failed_mode_is_shown_and_exits_1(tmp_path, capsys, monkeypatch):
+    import qlora_bench.run.sweep as sw
+    from qlora_bench.cli import main
+
+    monkeypatch.setattr(sw, "run_one", _fake_run_one)
+    out = tmp_path / "infer.jsonl"
+    assert main(["infer-bench", "--model", TINY, "--modes", "base16,merged16", "--out", str(out)]) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("merged16: error: RuntimeError: size [2, 8] vs [/dev/shm] [b] (raised at infer.py:9 in "
+            "build_serving_model)") in text
+    assert "base16: ok" not in text and len(read_jsonl(out)) == 2
+    monkeypatch.setattr(sw, "run_one", lambda cfg, t, w: {**_fake_run_one(cfg, t, w), "outcome": "ok", "error": None})
+    assert main(["infer-bench", "--model", TINY, "--modes", "base16,merged16", "--out", str(out)]) == 0
+
+
+def test_infer_bench_of_a_real_size_model_on_cpu_is_refused(tmp_path, capsys, monkeypatch):
+    import qlora_bench.run.sweep as sw
+    from qlora_bench.cli import main
+    from qlora_bench.run import preflight
+
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
+    monkeypatch.setattr(sw, "run_one", lambda *a: pytest.fail("not refused"))
+    assert main(["infer-bench", "--model", "8b", "--out", str(tmp_path / "i.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qlora-bench: error: infer-bench on CPU: llama-3.1-8b (") and err.count("\n") == 1
+    assert "--prompt" in err and "--yes" in err
+
+
+def test_infer_ids_name_the_model_not_its_file():
+    from qlora_bench.run.infer import InferBenchConfig
+
+    assert InferBenchConfig(f"{TINY}/config.json", "base16").name.startswith("tiny-llama/infer/base16/")
+    assert InferBenchConfig("8b", "switch").name.startswith("llama-3.1-8b/infer/switch/")

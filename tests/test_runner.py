@@ -36,8 +36,16 @@ OPT = RunOptions(steps=4, warmup=1, seed=0)
 def test_tiny_model_trains_and_records_everything(method):
     spec = resolve_model(TINY)
     s = Settings(method=method, batch=2, seq=64, optimizer="adamw_torch" if method != "qlora" else "paged_adamw_8bit")
-    rec = run_config(spec, s, OPT, "t")
+    said = []
+    rec = run_config(spec, s, OPT, "t", progress=said.append)
     assert rec["outcome"] == "ok", rec.get("traceback")
+    # the phases, as `run` shows them on stderr
+    assert said[0] == "building tiny-llama on cpu" and said[-1] == "timed step 4/4 (last" + said[-1].split("(last")[1]
+    assert "building tiny-llama: layer 2/2, " + ("quantizing to 4-bit (nf4)" if method == "qlora" else
+                                                  "drawing random bf16 weights") in said
+    assert "warm-up step 1/1" in said and any(x.startswith("timed step 1/4 (last ") for x in said)
+    assert any(x.startswith("peft prepare_model_for_kbit_training") for x in said) == (method == "qlora")
+    assert any(x.startswith("wrapping with peft LoRA (r=16") for x in said) == (method != "full")
     m = rec["measured"]
     assert m["losses"][-1] < m["losses"][0]  # fixed random batch: memorization makes the loss go down
     assert len(m["step_seconds"]) == OPT.warmup + OPT.steps and m["tokens_per_sec"] > 0
@@ -213,7 +221,7 @@ def test_results_merge_and_table(tmp_path):
     r = _cli("results", str(a), str(b), "--merge", str(merged))
     assert r.returncode == 0 and len(read_jsonl(merged)) == 2
     r = _cli("results", str(merged))
-    assert r.returncode == 0 and "tiny-llama/full" in r.stdout
+    assert r.returncode == 0 and "tiny-llama" in r.stdout and "full" in r.stdout  # ids or their short labels
     from qlora_bench.results import to_dataframe
 
     df = to_dataframe(load_records(merged))
@@ -296,3 +304,149 @@ def test_trains_on_a_text_file_with_a_local_tokenizer(tmp_path):
     assert rec["run"]["text"] == opts.text and rec["run"]["tokenizer"] == opts.tokenizer
     assert any("repeated" in n for n in rec["notes"])  # 180 tokens of text for 2 x 128
     assert rec["measured"]["losses"][-1] < rec["measured"]["losses"][0]
+
+
+# ---- CPU preflight, progress, library noise, error rendering, record ids ---------------------------------------
+from qlora_bench.cli import main  # noqa: E402
+from qlora_bench.run import preflight as pf  # noqa: E402
+from qlora_bench.units import GiB  # noqa: E402
+
+
+def test_cpu_preflight_refuses_real_size_models_and_passes_tiny_ones():
+    tiny = pf.train_cost(resolve_model(TINY), Settings(seq=64), 8)
+    assert pf.refusal("run", [(tiny, "tiny-llama")], available=16 * GiB) is None
+    assert pf.refusal("run", [(tiny, "tiny-llama")], available=None) is None  # unknown: the fixed limits apply
+
+    spec = resolve_model("llama-3.1-8b")
+    lora = pf.train_cost(spec, Settings(method="lora", optimizer="adamw_torch"), 8)
+    assert lora.bytes > spec.total_params * 2  # bf16 weights (the compute dtype the CPU run builds in), and more
+    qlora = pf.train_cost(spec, Settings(), 8)
+    assert qlora.bytes < lora.bytes and qlora.step_seconds > 60 and qlora.seconds == 8 * qlora.step_seconds
+    msg = pf.refusal("run", [(qlora, "llama-3.1-8b")], available=15 * GiB)
+    assert msg.startswith("run on CPU: llama-3.1-8b needs about ") and "GiB of RAM and ~" in msg
+    assert "per step" in msg and "15 GiB available" in msg and "rough" in msg and "--yes" in msg
+    assert "\n" not in msg
+    # memory alone: a tiny run is refused where less is free than it needs
+    assert "0.5 GiB available" in pf.refusal("run", [(tiny, "tiny-llama")], available=GiB // 2)
+    # a sweep names its most expensive configuration and how many are too big
+    msg = pf.refusal("sweep", [(tiny, "t/a"), (qlora, "8b/b"), (lora, "8b/c")], available=64 * GiB)
+    assert "sweep on CPU: 8b/" in msg and "(2 of 3 configurations are too big)" in msg
+
+
+def test_available_memory_falls_back_gracefully(monkeypatch):
+    first = pf.available_memory()
+    assert first is None or first > 0
+
+    def unreadable(self, *a, **k):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(pf.Path, "read_text", unreadable)
+    fallback = pf.available_memory()  # os.sysconf's free pages
+    assert fallback is None or fallback > 0
+
+
+@pytest.fixture
+def no_gpu_no_training(monkeypatch):
+    """As on a CPU-only machine, and any attempt to train fails the test (a refused run must not start)."""
+    import qlora_bench.run.train as train
+
+    monkeypatch.setattr(pf, "cuda_available", lambda: False)
+    monkeypatch.setattr(train, "run_config", lambda *a, **k: pytest.fail("the run was not refused"))
+
+
+def test_run_of_a_real_size_model_on_cpu_is_refused_at_once(tmp_path, capsys, no_gpu_no_training):
+    t0 = time.time()
+    assert main(["run", "--model", "llama-3.1-8b", "--out", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qlora-bench: error: run on CPU: llama-3.1-8b needs about ") and err.count("\n") == 1
+    assert "--yes" in err and not (tmp_path / "r.jsonl").exists() and time.time() - t0 < 20
+
+
+def test_sweep_of_real_size_models_on_cpu_is_refused(tmp_path, capsys, no_gpu_no_training):
+    out = tmp_path / "s.jsonl"
+    assert main(["sweep", "--model", f"8b,{TINY}", "--method", "qlora", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep on CPU: llama-3.1-8b/qlora/" in err and "(1 of 2 configurations are too big)" in err
+    assert "--yes" in err and not out.exists()
+    assert main(["sweep", "--model", "8b", "--out", str(out), "--dry-run"]) == 0  # listing runs nothing
+
+
+def test_yes_runs_what_the_preflight_refuses(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pf, "cuda_available", lambda: False)
+    monkeypatch.setattr(pf, "MAX_SECONDS", 0.0)  # now even the tiny model is "too slow"
+    args = ["run", "--model", TINY, "--method", "lora", "--seq", "32", "--steps", "1", "--warmup", "0",
+            "--out", str(tmp_path / "r.jsonl"), "--json"]
+    assert main(args) == 2
+    assert "run on CPU: tiny-llama" in capsys.readouterr().err
+    assert main([*args, "--yes"]) == 0
+    assert json.loads(capsys.readouterr().out)["outcome"] == "ok"
+
+
+NOISE = ("Warning", "warnings.warn", "kernels-community", "Paged optimizers", "deprecated", "[transformers]")
+
+
+def test_run_prints_progress_on_stderr_and_no_library_noise(tmp_path):
+    out = tmp_path / "r.jsonl"
+    args = ["run", "--model", TINY, "--method", "qlora", "--seq", "32", "--steps", "2", "--warmup", "1",
+            "--trainer", "both", "--out", str(out)]
+    r = _cli(*args, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not [n for n in NOISE if n in r.stderr], r.stderr
+    for phase in ("building tiny-llama: layer 2/2, quantizing to 4-bit (nf4)", "prepare_model_for_kbit_training",
+                  "wrapping with peft LoRA", "building optimizer paged_adamw_8bit", "setting up trl SFTTrainer",
+                  "warm-up step 1/1", "timed step 2/2 (last "):
+        assert phase in r.stderr, (phase, r.stderr)
+    assert "tiny-llama/qlora" in r.stdout and "timed step" not in r.stdout
+    r = _cli(*args[:-4], "--out", str(out), "--json", timeout=300)  # --json: stdout pure JSON, stderr silent
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["outcome"] == "ok"
+
+
+def test_quiet_libraries_drops_chatter_and_keeps_what_matters():
+    import logging
+    import warnings
+
+    from qlora_bench.run.quiet import quiet_libraries
+
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_libraries():
+            for text, category, module in (
+                ("`gradient_checkpointing_enable` is deprecated", FutureWarning, "transformers.modeling_utils"),
+                ("old", DeprecationWarning, "torch.utils.checkpoint"),
+                ("Paged optimizers are not supported on CPU.", UserWarning, "bitsandbytes.optim.optimizer"),
+                ("kept: a user warning from a library", UserWarning, "peft.tuners.lora"),
+                ("kept: not from those libraries", FutureWarning, "qlora_bench.run.train"),
+                ("kept: a runtime warning", RuntimeWarning, "torch.nn.functional"),
+            ):
+                warnings.warn_explicit(text, category, "f.py", 1, module=module)
+            assert not bnb.isEnabledFor(logging.WARNING) and bnb.isEnabledFor(logging.ERROR)
+            hf = logging.getLogger("transformers.modeling_utils")
+            assert not hf.isEnabledFor(logging.WARNING) and hf.isEnabledFor(logging.ERROR)
+    assert [str(w.message) for w in seen] == [
+        "kept: a user warning from a library", "kept: not from those libraries", "kept: a runtime warning"]
+    assert bnb.isEnabledFor(logging.WARNING)  # restored afterwards
+
+
+def test_an_error_record_shows_its_message(capsys):
+    from qlora_bench import render
+
+    rec = run_config(resolve_model(TINY), Settings(method="lora", seq=32), RunOptions(steps=1, warmup=0), "e")
+    rec.update(outcome="error", error="RuntimeError: shapes [2, 3] and [/b] differ [b]x[/b]",
+               traceback='Traceback:\n  File "/x/qlora_bench/run/train.py", line 7, in _train_loop\n')
+    render.run_record(rec, resolve_model(TINY))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "error: RuntimeError: shapes [2, 3] and [/b] differ [b]x[/b] (raised at train.py:7 in _train_loop)" in out
+    assert "measured" not in out  # no table of dashes for a run that measured nothing
+
+
+def test_record_ids_name_the_model_not_its_file(tmp_path):
+    s = Settings()
+    assert RunConfig(TINY, s).name.startswith("tiny-llama/qlora/")
+    assert RunConfig(f"{TINY}/config.json", s).name.startswith("tiny-llama/qlora/")
+    assert RunConfig(f"{TINY}/", s).name.startswith("tiny-llama/qlora/")
+    assert RunConfig(str(tmp_path / "My Model.json"), s).name.startswith("my_model/qlora/")
+    assert RunConfig("8b", s).name.startswith("llama-3.1-8b/qlora/")  # an alias: the profile's name
+    assert RunConfig("llama-3.1-8b", s).name.startswith("llama-3.1-8b/qlora/")
+    assert RunConfig(TINY, s).key != RunConfig(f"{TINY}/config.json", s).key  # the model as given stays in the key

@@ -22,6 +22,7 @@ from ..results import SCHEMA_VERSION
 from ..settings import Settings
 from . import probes
 from .materialize import build_model, peft_targets
+from .quiet import quiet_libraries
 
 INFER_MODES = ("base16", "adapters4", "merged16", "merged4", "switch")
 
@@ -56,8 +57,10 @@ class InferBenchConfig:
 
     @property
     def name(self) -> str:
+        from .config import model_label
+
         return (
-            f"{self.model.rstrip('/').split('/')[-1].lower()}/infer/{self.mode}/r{self.settings.rank}/"
+            f"{model_label(self.model)}/infer/{self.mode}/r{self.settings.rank}/"
             f"p{self.prompt}+{self.new_tokens}/b{self.batch}"
         )
 
@@ -117,6 +120,11 @@ def build_serving_model(spec, cfg: InferBenchConfig, device):
 
 
 def run_infer(spec, cfg: InferBenchConfig, nvml=None) -> dict:
+    with quiet_libraries():
+        return _run_infer(spec, cfg, nvml)
+
+
+def _run_infer(spec, cfg: InferBenchConfig, nvml) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()

@@ -85,8 +85,9 @@ def _quantize_linear(lin, s: Settings, device, std: float):
     return q
 
 
-def build_model(spec: ModelSpec, s: Settings, device):
-    """The base model on `device`, 16-bit (full / LoRA) or with 4-bit decoder linears (QLoRA), before peft."""
+def build_model(spec: ModelSpec, s: Settings, device, progress=None):
+    """The base model on `device`, 16-bit (full / LoRA) or with 4-bit decoder linears (QLoRA), before peft.
+    `progress(text)`, if given, hears which decoder layer is being drawn (a 70B build takes minutes)."""
     import torch
     import transformers
 
@@ -101,9 +102,13 @@ def build_model(spec: ModelSpec, s: Settings, device):
     out_emb = model.get_output_embeddings()
 
     replaced = set()  # 16-bit linears swapped for Linear4bit: detached, never to be materialized
+    layer_index = {id(layer): i for i, layer in enumerate(layers)}
+    what = f"quantizing to 4-bit ({s.quant})" if s.method == "qlora" else f"drawing random {s.compute_dtype} weights"
     for _, parent in list(model.named_modules()):
         if id(parent) in replaced:
             continue
+        if progress and id(parent) in layer_index:
+            progress(f"building {spec.name}: layer {layer_index[id(parent)] + 1}/{len(layers)}, {what}")
         for child_name, child in list(parent.named_children()):
             if s.method == "qlora" and id(child) in decoder_linears:
                 setattr(parent, child_name, _quantize_linear(child, s, device, std))

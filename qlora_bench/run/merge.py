@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from .materialize import torch_dtype
+from .quiet import quiet_libraries
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -24,6 +25,11 @@ TOKENIZER_FILES = (
 
 
 def merge_adapter(base: str, adapter: str, out: str | Path, device: str = "cpu", dtype: str = "bf16") -> dict:
+    with quiet_libraries():
+        return _merge(base, adapter, out, device, dtype)
+
+
+def _merge(base: str, adapter: str, out: str | Path, device: str, dtype: str) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -15,12 +15,16 @@ import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from ..profiles import ModelSpec
 from ..results import SCHEMA_VERSION
+from ..schema import rule
 from ..settings import Settings
 from . import probes
 from .materialize import add_adapters, build_model, build_optimizer, prepare_base, torch_dtype
+from .progress import Say, silent
+from .quiet import quiet_libraries
 
 LOOP = (
     "autocast(compute dtype): loss = model(input_ids=x, labels=x).loss; loss.backward() per micro-batch; "
@@ -35,14 +39,16 @@ TRAINERS = ("loop", "sft")
 
 @dataclass(frozen=True)
 class RunOptions:
-    steps: int = 5  # timed optimizer steps, at least
-    warmup: int = 3
-    seed: int = 0
-    min_seconds: float = 0.0  # keep timing until this much time has passed too
-    max_steps: int = 200  # cap for the min_seconds rule
-    trainer: str = "loop"  # loop: the plain Trainer-equivalent loop; sft: trl's SFTTrainer itself
-    text: str | None = None  # a text file to train on instead of random token ids
-    tokenizer: str | None = None  # a local tokenizer folder for `text`
+    """How one configuration is measured (the `options:` of a sweep file; run's flags)."""
+
+    steps: int = rule(5, ge=1, le=10**6, hint="timed optimizer steps, at least")
+    warmup: int = rule(3, ge=0, le=10**6, hint="untimed warm-up steps")
+    seed: int = rule(0, ge=0, le=2**63 - 1)
+    min_seconds: float = rule(0.0, ge=0, le=1e6, hint="keep timing until this much time has passed too")
+    max_steps: int = rule(200, ge=1, le=10**6, hint="cap for the min_seconds rule")
+    trainer: Literal[TRAINERS] = "loop"  # loop: the plain Trainer-equivalent loop; sft: trl's SFTTrainer itself
+    text: str | None = rule(None, max_len=4096)  # a text file to train on instead of random token ids
+    tokenizer: str | None = rule(None, max_len=4096)  # a local tokenizer folder for `text`
 
 
 def _param_bytes_by_dtype(model) -> dict:
@@ -105,7 +111,17 @@ def _start_training_measurement(nvml, m: dict) -> None:
         nvml.start()
 
 
-def _train_loop(model, opt, x, s: Settings, opts: RunOptions, device, nvml, m: dict, config_id: str):
+def _step_text(step: int, opts: RunOptions, step_seconds: list[float]) -> str:
+    """What the loop is about to do: 'warm-up step 2/3', 'timed step 4/5 (last 1.23 s)'."""
+    last = f" (last {step_seconds[-1]:.2f} s)" if step_seconds else ""
+    if step < opts.warmup:
+        return f"warm-up step {step + 1}/{opts.warmup}{last}"
+    timed = step - opts.warmup
+    of = f"/{opts.steps}" if timed < opts.steps else f" (timing at least {opts.min_seconds:g} s)"
+    return f"timed step {timed + 1}{of}{last}"
+
+
+def _train_loop(model, opt, x, s: Settings, opts: RunOptions, device, nvml, m: dict, config_id: str, say: Say):
     import torch
 
     _start_training_measurement(nvml, m)
@@ -119,6 +135,7 @@ def _train_loop(model, opt, x, s: Settings, opts: RunOptions, device, nvml, m: d
         timed = step - opts.warmup
         if timed >= opts.steps and (time.perf_counter() - t_timed >= opts.min_seconds or timed >= opts.max_steps):
             break
+        say(_step_text(step, opts, step_seconds))
         _inject_fault(config_id, "step")
         t0 = time.perf_counter()
         loss_sum = 0.0
@@ -175,7 +192,7 @@ def token_rows(spec: ModelSpec, s: Settings, opts: RunOptions, rows: int, g) -> 
     return torch.tensor(ids[:need]).view(rows, s.seq), note
 
 
-def _train_sft(model, spec: ModelSpec, s: Settings, opts: RunOptions, g, nvml, m: dict, config_id: str):
+def _train_sft(model, spec: ModelSpec, s: Settings, opts: RunOptions, g, nvml, m: dict, config_id: str, say: Say):
     """The same configuration through trl's SFTTrainer: what people actually run. The number of steps is fixed
     (warm-up + steps; min_seconds does not apply); step times come from a callback with device sync."""
     import tempfile
@@ -200,6 +217,7 @@ def _train_sft(model, spec: ModelSpec, s: Settings, opts: RunOptions, g, nvml, m
             _start_training_measurement(nvml, m)
 
         def on_step_begin(self, args, state, control, **kw):
+            say(_step_text(len(times), opts, times))
             _inject_fault(config_id, "step")
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -247,8 +265,16 @@ def _train_sft(model, spec: ModelSpec, s: Settings, opts: RunOptions, g, nvml, m
     return times, losses, opt
 
 
-def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = "", nvml=None) -> dict:
-    """Train `spec` with settings `s` and return a result record (outcome ok / oom / error)."""
+def run_config(
+    spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = "", nvml=None, progress: Say | None = None
+) -> dict:
+    """Train `spec` with settings `s` and return a result record (outcome ok / oom / error). `progress(text)`
+    hears the phases (qlora_bench.run.progress); library deprecation chatter is kept quiet (quiet.py)."""
+    with quiet_libraries():
+        return _run_config(spec, s, opts, config_id, nvml, progress or silent)
+
+
+def _run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str, nvml, say: Say) -> dict:
     import torch
 
     s = s.validated()
@@ -284,13 +310,18 @@ def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = 
             torch.cuda.init()
             torch.cuda.reset_peak_memory_stats()
         m["mem_after_cuda_init"] = probes.memory_snapshot(nvml)
-        model = build_model(spec, s, device)
+        say(f"building {spec.name} on {device.type}")
+        model = build_model(spec, s, device, progress=say)
         m["mem_after_model_build"] = probes.memory_snapshot(nvml)
         m["param_bytes_by_dtype_after_build"] = _param_bytes_by_dtype(model)
         m["base_model_params"] = spec.total_params
+        if s.method == "qlora" and s.upcast_non_quantized:
+            say("peft prepare_model_for_kbit_training (fp32 upcast of embeddings, lm_head, norms)")
         model = prepare_base(model, s)
         if s.method == "qlora":
             m["mem_after_prepare_kbit"] = probes.memory_snapshot(nvml)
+        if s.uses_adapters:
+            say(f"wrapping with peft LoRA (r={s.rank}, {s.targets})")
         model = add_adapters(model, spec, s)
         m["param_bytes_by_dtype_after_wrap"] = _param_bytes_by_dtype(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -300,14 +331,16 @@ def run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str = 
         g = torch.Generator().manual_seed(opts.seed)
         if opts.trainer == "sft":
             record["run"]["loop"] = SFT
-            step_seconds, losses, opt = _train_sft(model, spec, s, opts, g, nvml, m, config_id)
+            say("setting up trl SFTTrainer")
+            step_seconds, losses, opt = _train_sft(model, spec, s, opts, g, nvml, m, config_id, say)
         else:
+            say(f"building optimizer {s.optimizer}")
             opt = build_optimizer(model, s)
             x, note = token_rows(spec, s, opts, s.batch, g)
             x = x.to(device)
             if note:
                 record["notes"].append(note)
-            step_seconds, losses = _train_loop(model, opt, x, s, opts, device, nvml, m, config_id)
+            step_seconds, losses = _train_loop(model, opt, x, s, opts, device, nvml, m, config_id, say)
         m["optimizer_class"] = f"{type(opt).__module__}.{type(opt).__name__}"
         m["mem_after_train"] = probes.memory_snapshot(nvml)
         timed_s = step_seconds[opts.warmup :]
