@@ -36,6 +36,14 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """More generated bad input than CI runs: nox -s fuzz (20,000 examples; QLORA_BENCH_FUZZ_EXAMPLES to change)."""
+    _install_cpu(session)
+    session.env.setdefault("QLORA_BENCH_FUZZ_EXAMPLES", os.environ.get("QLORA_BENCH_FUZZ_EXAMPLES", "20000"))
+    session.run("pytest", "tests/test_fuzz_inputs.py", "-q", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "qlora_bench", "tests", "noxfile.py")

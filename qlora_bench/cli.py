@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
+from . import flags
 from .errors import InputError
 from .profiles import gpu_slug
+from .schema import field_rule
 from .settings import ATTN, DEFAULT_OPTIMIZER, DTYPES, METHODS, OPTIMIZERS, QUANT_TYPES, Settings
 
 MODEL_HELP = "profile name or alias (70b, llama-3.1-8b), a config.json file or folder, or a hub id"
+YES_HELP = "without a GPU, run even what would need more RAM than is free or take more than a minute on the CPU"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,47 +27,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qlora-bench: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _bounded(name: str, units: dict | None = None):
+    """A whole-number flag with the bounds of the Settings field it sets."""
+    r = field_rule(Settings, name)
+    return flags.count(int(r.ge), int(r.le), units)
+
+
+_positive_int = flags.count(1, 1 << 20)
+
+
+def _json(data) -> str:
+    """--json output: strict JSON (NaN or Infinity would not parse anywhere else)."""
+    return json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
 
 
 def add_settings_args(p: argparse.ArgumentParser, methods=(*METHODS, "all")) -> None:
-    """The settings vocabulary shared by plan (and later run / sweep)."""
+    """The settings vocabulary shared by plan, run and sweep. Names are case-insensitive (`--method QLoRA`)."""
     d = Settings()
     g = p.add_argument_group("training settings")
 
     def on_off(flag: str, default: bool, help: str) -> None:  # --x / --no-x
         g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
 
-    g.add_argument("--method", choices=methods, default=d.method, help="fine-tuning method (default qlora)")
-    g.add_argument("--batch", type=_positive_int, default=d.batch, help="micro-batch size (default 1)")
-    g.add_argument("--seq", type=_positive_int, default=d.seq, help="tokens per sequence (default 2048)")
-    g.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum, help="gradient accumulation steps")
-    g.add_argument("--rank", type=_positive_int, default=d.rank, help="LoRA rank r (default 16)")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (default 32)")
-    g.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout (default 0.05)")
+    def named(flag: str, choices, default, help: str) -> None:
+        g.add_argument(flag, type=flags.choice(choices), choices=list(choices), default=default, help=help)
+
+    named("--method", methods, d.method, "fine-tuning method (default qlora)")
+    g.add_argument("--batch", type=_bounded("batch"), default=d.batch, help="micro-batch size (default 1)")
+    g.add_argument(
+        "--seq", type=_bounded("seq", flags.BINARY), default=d.seq, help="tokens per sequence (default 2048; 8k = 8192)"
+    )
+    g.add_argument("--grad-accum", type=_bounded("grad_accum"), default=d.grad_accum, help="gradient accumulation")
+    g.add_argument("--rank", type=_bounded("rank"), default=d.rank, help="LoRA rank r (default 16)")
+    g.add_argument("--alpha", type=flags.number(0, 1e6, lo_open=True), default=d.alpha, help="LoRA alpha (default 32)")
+    g.add_argument(
+        "--dropout", type=flags.number(0, 1, hi_open=True), default=d.dropout, help="LoRA dropout (default 0.05)"
+    )
     g.add_argument(
         "--targets",
         default=d.targets,
         help="LoRA target modules: all-linear (default), attn, mlp, or a comma list (q_proj,v_proj)",
     )
-    g.add_argument("--quant", choices=QUANT_TYPES, default=d.quant, help="4-bit type for qlora (default nf4)")
+    named("--quant", QUANT_TYPES, d.quant, "4-bit type for qlora (default nf4)")
     on_off("--double-quant", d.double_quant, "quantize the quantization constants again (default on)")
-    g.add_argument("--compute-dtype", choices=DTYPES, default=d.compute_dtype, help="compute dtype (default bf16)")
-    g.add_argument(
+    named("--compute-dtype", DTYPES, d.compute_dtype, "compute dtype (default bf16)")
+    named(
         "--optimizer",
-        choices=list(OPTIMIZERS),
-        default=None,
-        help="TrainingArguments optim name (default paged_adamw_8bit for qlora, adamw_torch_fused for lora/full)",
+        OPTIMIZERS,
+        None,
+        "TrainingArguments optim name (default paged_adamw_8bit for qlora, adamw_torch_fused for lora/full)",
     )
     on_off("--gradient-checkpointing", d.gradient_checkpointing, "recompute activations in backward (default on)")
-    g.add_argument("--attn", choices=ATTN, default=d.attn, help="attention implementation (default sdpa)")
+    named("--attn", ATTN, d.attn, "attention implementation (default sdpa)")
     on_off(
         "--upcast-non-quantized",
         d.upcast_non_quantized,
@@ -70,10 +86,26 @@ def add_settings_args(p: argparse.ArgumentParser, methods=(*METHODS, "all")) -> 
     )
 
 
+def _add_calibration_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="a calibration file written by `qlora-bench calibrate --out` (default: the one that ships with "
+        "qlora-bench; also QLORA_BENCH_CALIBRATION)",
+    )
+
+
+def _use_calibration(a: argparse.Namespace) -> None:
+    if getattr(a, "calibration", None):
+        from .estimate.overhead import use_calibration
+
+        use_calibration(a.calibration)
+
+
 def settings_from_args(a: argparse.Namespace, method: str) -> Settings:
     if method != "qlora" and a.quant != "nf4" and a.method != "all":
         raise InputError(f"--quant {a.quant} applies only to --method qlora (got --method {method})")
-    alpha = int(a.alpha) if float(a.alpha).is_integer() else a.alpha
+    alpha = a.alpha
     return Settings(
         method=method,
         quant=a.quant if method == "qlora" else "nf4",
@@ -90,7 +122,7 @@ def settings_from_args(a: argparse.Namespace, method: str) -> Settings:
         grad_accum=a.grad_accum,
         attn=a.attn,
         upcast_non_quantized=a.upcast_non_quantized,
-    ).validated()
+    ).validated("command line")
 
 
 # ---- commands --------------------------------------------------------------------------------------------
@@ -98,13 +130,14 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from .plan import plan
     from .profiles import resolve_gpu, resolve_model
 
+    _use_calibration(a)
     model = resolve_model(a.model)
     gpu = resolve_gpu(a.gpu)
     methods = ["full", "lora", "qlora"] if a.method == "all" else [a.method]
     plans = [plan(model, settings_from_args(a, m), gpu, epoch_tokens=a.epoch_tokens) for m in methods]
     if a.json:
         out = [p.to_dict() for p in plans]
-        print(json.dumps(out if a.method == "all" else out[0], indent=2))
+        print(_json(out if a.method == "all" else out[0]))
         return 0
     from . import render
 
@@ -119,8 +152,9 @@ def cmd_infer(a: argparse.Namespace) -> int:
     from .estimate.inference import InferSettings
     from .profiles import resolve_gpu, resolve_model
 
+    _use_calibration(a)
     model, gpu = resolve_model(a.model), resolve_gpu(a.gpu)
-    s = Settings(rank=a.rank, alpha=a.alpha, targets=a.targets).validated()
+    s = Settings(rank=a.rank, alpha=a.alpha, targets=a.targets).validated("command line")
     if a.context < a.prompt:
         raise InputError(f"--context {a.context} must hold the prompt ({a.prompt} tokens) and what is generated")
     from .plan import infer_plan
@@ -129,7 +163,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
         model, s, gpu, InferSettings(batch=a.batch, context=a.context, prompt=a.prompt, adapters=a.adapters)
     )
     if a.json:
-        print(json.dumps(out, indent=2))
+        print(_json(out))
         return 0
     from . import render
 
@@ -168,20 +202,33 @@ def cmd_infer_bench(a: argparse.Namespace) -> int:
 
     spec = resolve_model(a.model)
     s = Settings(rank=a.rank, alpha=a.alpha, targets=a.targets).validated()
-    out = Path(a.out) if a.out else Path("results") / gpu_slug() / "infer.jsonl"
+    from .errors import check_output_file
+
+    out = check_output_file(Path(a.out) if a.out else Path("results") / gpu_slug() / "infer.jsonl", "results file")
+    configs = [
+        InferBenchConfig(
+            a.model,
+            mode,
+            s,
+            batch=a.batch,
+            prompt=a.prompt,
+            new_tokens=a.new_tokens,
+            adapters=a.adapters,
+            repeats=a.repeats,
+        )
+        for mode in modes
+    ]
+    if not a.yes:  # without a GPU: refuse modes that would not fit in RAM or take ages on the CPU
+        from .run.preflight import check_cpu, infer_cost
+
+        costs = [(infer_cost(spec, c), f"{spec.name} ({c.mode})") for c in configs]
+        check_cpu("infer-bench", costs, knob="--prompt")
+    from .run.progress import phases
+
     recs = []
-    with tempfile.TemporaryDirectory(prefix="qlora-bench-infer-") as tmp:
-        for mode in modes:
-            cfg = InferBenchConfig(
-                a.model,
-                mode,
-                s,
-                batch=a.batch,
-                prompt=a.prompt,
-                new_tokens=a.new_tokens,
-                adapters=a.adapters,
-                repeats=a.repeats,
-            )
+    with tempfile.TemporaryDirectory(prefix="qlora-bench-infer-") as tmp, phases() as say:
+        for i, cfg in enumerate(configs, 1):
+            say(f"infer-bench {spec.name}: mode {i}/{len(configs)} {cfg.mode} (a fresh process)")
             rec = run_one(cfg, a.timeout, Path(tmp))
             append_record(out, rec)
             recs.append(rec)
@@ -189,42 +236,57 @@ def cmd_infer_bench(a: argparse.Namespace) -> int:
 
     render.infer_records(recs, spec)
     print(f"appended {len(recs)} records to {out}")
-    return 0
+    return 0 if all(r["outcome"] in ("ok", "oom") for r in recs) else 1  # like run: an error is exit 1
 
 
 def cmd_profiles(a: argparse.Namespace) -> int:
     from . import render
 
     if a.json:
-        from .profiles import gpu_names, load_model_profile, model_names, resolve_gpu
+        from .profiles import gpu_names, gpu_profile, load_model_profile, model_names, model_profile, resolve_gpu
 
         out = {
             "models": [
-                {"name": n, "params": load_model_profile(n).total_params, "source": load_model_profile(n).source}
+                {
+                    "name": n,
+                    "aliases": model_profile(n).aliases,
+                    "hf_id": model_profile(n).hf_id,
+                    "params": load_model_profile(n).total_params,
+                    "source": load_model_profile(n).source,
+                }
                 for n in model_names()
             ],
-            "gpus": [{"name": n, "memory_total_bytes": resolve_gpu(n).memory_total_bytes} for n in gpu_names()],
+            "gpus": [
+                {
+                    "name": n,
+                    "aliases": gpu_profile(n).aliases,
+                    "memory_total_bytes": resolve_gpu(n).memory_total_bytes,
+                    "launch_year": gpu_profile(n).launch_year,
+                }
+                for n in gpu_names()
+            ],
         }
-        print(json.dumps(out, indent=2))
+        print(_json(out))
         return 0
     render.profiles()
     return 0
 
 
 def cmd_import_shared(a: argparse.Namespace) -> int:
-    from .results import RESULTS_DIR, import_shared
+    from .results import import_shared
 
-    dest = Path(a.out) if a.out else RESULTS_DIR / "h100" / "hf-stack-shared.jsonl"
-    n = import_shared(Path(a.source), dest)
-    print(f"imported {n} records into {dest}")
+    for dest, n in import_shared(Path(a.source), Path(a.out)).items():
+        print(f"imported {n} records into {dest}")
     return 0
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from .calibration import calibrate
+    from .results import default_results_dir
     from .units import fmt_gib
 
-    cal = calibrate(Path(a.results))
+    results = Path(a.results) if a.results else default_results_dir()
+    cal = calibrate(results, Path(a.out))
     err = cal["allocated_rel_error"]
     print(f"fitted on {len(cal['fitted_on'])} records from {', '.join(cal['source_files'])}")
     for key in ("driver_idle_bytes", "cuda_context_bytes", "bnb_runtime_bytes", "cublas_workspace_bytes"):
@@ -235,6 +297,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     rr = cal["reserve_fraction"]
     print(f"  {'reserve_fraction':24s} {rr['median']}  (range {rr['min']}..{rr['max']})")
     print(f"  allocated peak error: median {err['median']:.2%}, worst {err['max']:.2%}")
+    print(f"wrote {a.out}; plan with it: qlora-bench plan --calibration {a.out} ...")
     return 0
 
 
@@ -266,14 +329,15 @@ def cmd_run(a: argparse.Namespace) -> int:
     _need_train_extra()
     from dataclasses import replace
 
+    from .errors import check_output_file, file_kind
     from .profiles import resolve_model
     from .results import append_record
     from .run.config import RunConfig
     from .run.train import run_config
 
     spec = resolve_model(a.model)
-    if a.text and not Path(a.text).is_file():
-        raise InputError(f"--text {a.text}: no such file")
+    if a.text and file_kind(a.text):
+        raise InputError(f"--text {a.text}: expected a text file, found {file_kind(a.text).replace('missing', 'none')}")
     if bool(a.text) != bool(a.tokenizer):
         raise InputError("--text and --tokenizer go together: a text file and a local tokenizer folder")
     trainers = ["loop", "sft"] if a.trainer == "both" else [a.trainer]
@@ -282,33 +346,31 @@ def cmd_run(a: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
             raise InputError("--trainer sft needs trl: pip install 'qlora-bench[train]'")
-    out = Path(a.out) if a.out else Path("results") / gpu_slug() / "runs.jsonl"
+    out = check_output_file(Path(a.out) if a.out else Path("results") / gpu_slug() / "runs.jsonl", "results file")
     settings = settings_from_args(a, a.method)
-    worst = 0
+    if not a.yes:  # without a GPU: refuse a run that would not fit in RAM or take ages on the CPU
+        from .run.preflight import check_cpu, train_cost
+
+        check_cpu("run", [(train_cost(spec, settings, (a.warmup + a.steps) * len(trainers)), spec.name)])
+    from .run.progress import phases
+
+    worst, records = 0, []
     for trainer in trainers:
         cfg = RunConfig(a.model, settings, replace(_run_options(a), trainer=trainer))
-        record = run_config(spec, cfg.settings, cfg.options, cfg.id)
+        with phases(enabled=not a.json) as say:  # on stderr; stdout stays pure JSON with --json
+            record = run_config(spec, cfg.settings, cfg.options, cfg.id, progress=say)
         record["key"] = cfg.key
         append_record(out, record)
-        if a.json:
-            print(json.dumps(record, indent=2, sort_keys=True))
-        else:
+        records.append(record)
+        if not a.json:
             from . import render
 
             render.run_record(record, spec)
             print(f"appended to {out}")
         worst = max(worst, 0 if record["outcome"] in ("ok", "oom") else 1)
+    if a.json:  # one JSON document: the record, or a list of both with --trainer both
+        print(json.dumps(records if len(records) > 1 else records[0], indent=2, sort_keys=True, allow_nan=False))
     return worst
-
-
-def _parse_shard(text: str | None):
-    if not text:
-        return None
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard {text!r}: use i/n, e.g. 1/4") from None
-    return i, n
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
@@ -344,7 +406,9 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         sweep = sw.from_mapping(data, "command line")
     if a.timeout and a.file:
         sweep.timeout_s = a.timeout
-    shard_spec = _parse_shard(a.shard)
+    shard_spec = a.shard
+    from .errors import check_output_file
+
     out = Path(a.out) if a.out else Path("results") / gpu_slug() / f"{sweep.name}.jsonl"
     if a.dry_run:
         configs = sw.shard(sweep.configs, *shard_spec) if shard_spec else sweep.configs
@@ -352,7 +416,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             print(c.id)
         print(f"{len(configs)} configurations -> {out}")
         return 0
-    summary = sw.run_sweep(sweep, out, shard_spec, progress=not a.no_progress)
+    check_output_file(out, "results file")
+    summary = sw.run_sweep(sweep, out, shard_spec, progress=not a.no_progress, cpu_check=not a.yes)
     from . import render
 
     render.sweep_summary(summary, out)
@@ -368,7 +433,7 @@ def cmd_results(a: argparse.Namespace) -> int:
         return 0
     records = [r for p in a.paths for r in load_records(p, kind="train")]
     if a.json:
-        print(json.dumps([r.data for r in records], indent=2, sort_keys=True))
+        print(json.dumps([r.data for r in records], indent=2, sort_keys=True, allow_nan=False))
         return 0
     from . import render
 
@@ -377,19 +442,23 @@ def cmd_results(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    from .results import load_records
+    from .results import default_results_dir, load_records
     from .validate import validate
 
-    records = [r for p in a.paths for r in load_records(p, kind="train")]
+    _use_calibration(a)
+    paths = a.paths or [str(default_results_dir())]
+    records = [r for p in paths for r in load_records(p, kind="train")]
     rows, summaries = validate(records)
     if not rows:
-        raise InputError(f"no GPU records to validate in {', '.join(a.paths)}")
+        raise InputError(f"no GPU records to validate in {', '.join(paths)} (records of runs on a GPU, or OOMs)")
     if a.json:
         out = {"rows": [x.to_dict() for x in rows], "summary": {k: v.to_dict() for k, v in summaries.items()}}
-        print(json.dumps(out, indent=2, sort_keys=True))
+        print(json.dumps(out, indent=2, sort_keys=True, allow_nan=False))
         return 0
     from . import render
 
+    if not a.paths:
+        render.note(f"records: {paths[0]} (give a results file or folder to validate others)")
     render.validation(rows, summaries)
     return 0
 
@@ -399,9 +468,13 @@ def cmd_report(a: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("matplotlib") is None:
         raise InputError("report needs matplotlib: pip install 'qlora-bench[report]'")
+    from .errors import check_output_dir
     from .report import build_report
+    from .results import default_results_dir
 
-    written = build_report([Path(p) for p in a.paths], Path(a.out))
+    _use_calibration(a)
+    out = check_output_dir(a.out, "report folder")
+    written = build_report([Path(p) for p in a.paths or [default_results_dir()]], out)
     for p in written:
         print(f"wrote {p}")
     return 0
@@ -417,7 +490,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         allow_missing=a.allow_missing,
     )
     if a.json:
-        print(json.dumps(cmp.to_dict(), indent=2, sort_keys=True))
+        print(json.dumps(cmp.to_dict(), indent=2, sort_keys=True, allow_nan=False))
     else:
         from . import render
 
@@ -434,18 +507,20 @@ def cmd_baseline(a: argparse.Namespace) -> int:
 
 
 def _list(kind):
+    """A comma list for a sweep grid: `--batch 1,2,4`, `--gradient-checkpointing on,off`; each item parsed by
+    `kind` (a flag parser, bool, or str)."""
+
     def parse(text: str):
         items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
         if kind is bool:
             table = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
             try:
                 return [table[x.lower()] for x in items]
             except KeyError:
                 raise argparse.ArgumentTypeError(f"expected on/off values, got {text!r}") from None
-        try:
-            return [kind(x) for x in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__}, got {text!r}") from None
+        return [kind(x) for x in items]  # flag parsers raise ArgumentTypeError with what would be right
 
     return parse
 
@@ -455,12 +530,14 @@ def _add_run_options(p: argparse.ArgumentParser, with_trainer: bool = False) -> 
 
     d = RunOptions()
     g = p.add_argument_group("run options")
-    g.add_argument("--steps", type=_positive_int, default=d.steps, help="timed optimizer steps, at least (default 5)")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up steps (default 3)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument(
+        "--steps", type=flags.count(1, 10**6), default=d.steps, help="timed optimizer steps, at least (default 5)"
+    )
+    g.add_argument("--warmup", type=flags.count(0, 10**6), default=d.warmup, help="untimed warm-up steps (default 3)")
+    g.add_argument("--seed", type=flags.count(0, 2**63 - 1), default=d.seed)
     g.add_argument(
         "--min-seconds",
-        type=float,
+        type=flags.number(0, 1e6),
         default=d.min_seconds,
         help="keep timing until this many seconds have passed as well (default 0)",
     )
@@ -496,10 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_args(sp)
     sp.add_argument(
         "--epoch-tokens",
-        type=_positive_int,
+        type=flags.count(1, 10**15, flags.DECIMAL),
         default=100_000_000,
-        help="tokens in one epoch of your data, for the predicted time per epoch (default 100M)",
+        help="tokens in one epoch of your data, for the predicted time per epoch (default 100M; 1.5B works)",
     )
+    _add_calibration_arg(sp)
     sp.add_argument("--json", action="store_true", help="print JSON (a list for --method all)")
     sp.set_defaults(func=cmd_plan)
 
@@ -514,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sp, with_trainer=True)
     sp.add_argument("--out", help="results .jsonl to append to (default results/<gpu>/runs.jsonl)")
     sp.add_argument("--json", action="store_true", help="print the record as JSON")
+    sp.add_argument("--yes", action="store_true", help=YES_HELP)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser(
@@ -524,10 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("file", nargs="?", help="sweep YAML (see sweeps/)")
     sp.add_argument("--model", type=_list(str), help="comma list of models")
-    sp.add_argument("--method", type=_list(str), help="comma list: qlora,lora,full")
-    sp.add_argument("--batch", type=_list(int))
-    sp.add_argument("--seq", type=_list(int))
-    sp.add_argument("--rank", type=_list(int))
+    sp.add_argument("--method", type=_list(str.lower), help="comma list: qlora,lora,full")
+    sp.add_argument("--batch", type=_list(_bounded("batch")))
+    sp.add_argument("--seq", type=_list(_bounded("seq", flags.BINARY)))
+    sp.add_argument("--rank", type=_list(_bounded("rank")))
     sp.add_argument("--optimizer", type=_list(str))
     sp.add_argument("--gradient-checkpointing", type=_list(bool), help="on,off")
     sp.add_argument("--double-quant", type=_list(bool), help="on,off")
@@ -536,14 +615,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sp)
     sp.add_argument(
         "--timeout",
-        type=float,
+        type=flags.number(0, 7 * 86400, lo_open=True),
         default=None,
         help="seconds per configuration (default: the sweep file's timeout_s, else 1800)",
     )
-    sp.add_argument("--shard", help="run every n-th configuration: i/n (1-based)")
+    sp.add_argument("--shard", type=flags.shard, help="run every n-th configuration: i/n (1-based)")
     sp.add_argument("--out", help="results .jsonl (default results/<gpu>/<sweep name>.jsonl)")
     sp.add_argument("--dry-run", action="store_true", help="list the configurations and exit")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    sp.add_argument("--yes", action="store_true", help=YES_HELP)
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("results", help="a table of measured results; --merge joins files (e.g. shards)")
@@ -556,24 +636,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "paths",
         nargs="*",
-        default=[str(Path(__file__).resolve().parent.parent / "results")],
-        help="result .jsonl files or folders (default: the committed results/)",
+        help="result .jsonl files or folders (default: ./results, else the measurements that come with qlora-bench)",
     )
+    _add_calibration_arg(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_validate)
 
     sp = sub.add_parser("report", help="Markdown + self-contained HTML report of estimates vs measurements")
-    sp.add_argument("paths", nargs="*", default=["results"], help="result files or folders (default results/)")
+    sp.add_argument(
+        "paths", nargs="*", help="result files or folders (default: ./results, else the shipped measurements)"
+    )
     sp.add_argument("-o", "--out", default="report", help="output folder (default report/)")
+    _add_calibration_arg(sp)
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("compare", help="compare results with a baseline: exit 1 on a memory or throughput regression")
     sp.add_argument("new", help="new results (.jsonl file or folder) or a baseline .json")
     sp.add_argument("baseline", help="baseline .json (results/baselines/<gpu>.json) or results to compare with")
-    sp.add_argument("--memory-tolerance", type=float, default=0.02, help="allowed growth of a peak (default 0.02)")
+    sp.add_argument(
+        "--memory-tolerance",
+        type=flags.number(0, 1, hi_open=True),
+        default=0.02,
+        help="allowed growth of a peak, a fraction in [0, 1) (default 0.02)",
+    )
     sp.add_argument(
         "--throughput-tolerance",
-        type=float,
+        type=flags.number(0, 1, hi_open=True),
         default=0.05,
         help="allowed drop of tokens/s beyond the measured spread (default 0.05)",
     )
@@ -585,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = sp.add_subparsers(dest="baseline_command", required=True, parser_class=_Parser)
     bp = bsub.add_parser("update", help="write results/baselines/<gpu>.json from results (clean tree only)")
     bp.add_argument("results", help="result .jsonl file or folder of one GPU model")
-    bp.add_argument("--out", help="destination (default results/baselines/<gpu>.json)")
+    bp.add_argument("--out", help="destination (default results/baselines/<gpu>.json in this folder)")
     bp.add_argument("--allow-dirty", action="store_true", help="allow uncommitted changes (records commit-dirty)")
     bp.set_defaults(func=cmd_baseline)
 
@@ -598,13 +686,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--model", required=True, help=MODEL_HELP)
     sp.add_argument("--gpu", required=True, help="GPU profile (h100, rtx-4090) or size (48gb, 24GiB)")
-    sp.add_argument("--batch", type=_positive_int, default=1, help="concurrent sequences (default 1)")
-    sp.add_argument("--context", type=_positive_int, default=4096, help="tokens per sequence in the KV cache")
-    sp.add_argument("--prompt", type=_positive_int, default=2048, help="tokens in one prefill (default 2048)")
-    sp.add_argument("--adapters", type=_positive_int, default=1, help="adapters loaded at once (default 1)")
-    sp.add_argument("--rank", type=_positive_int, default=16)
-    sp.add_argument("--alpha", type=float, default=32)
+    sp.add_argument("--batch", type=_bounded("batch"), default=1, help="concurrent sequences (default 1)")
+    sp.add_argument(
+        "--context", type=_bounded("seq", flags.BINARY), default=4096, help="tokens per sequence in the KV cache"
+    )
+    sp.add_argument(
+        "--prompt", type=_bounded("seq", flags.BINARY), default=2048, help="tokens in one prefill (default 2048)"
+    )
+    sp.add_argument("--adapters", type=flags.count(1, 4096), default=1, help="adapters loaded at once (default 1)")
+    sp.add_argument("--rank", type=_bounded("rank"), default=16)
+    sp.add_argument("--alpha", type=flags.number(0, 1e6, lo_open=True), default=32)
     sp.add_argument("--targets", default="all-linear")
+    _add_calibration_arg(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_infer)
 
@@ -641,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--targets", default="all-linear")
     sp.add_argument("--timeout", type=float, default=1800.0, help="seconds per mode")
     sp.add_argument("--out", help="results .jsonl (default results/<gpu>/infer.jsonl)")
+    sp.add_argument("--yes", action="store_true", help=YES_HELP)
     sp.set_defaults(func=cmd_infer_bench)
 
     sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
@@ -649,13 +743,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("import-shared", help="import shared/measurements into results/ with provenance")
     sp.add_argument("source", help="folder (or .jsonl file) of shared measurements, e.g. ../shared/measurements")
-    sp.add_argument("--out", help="destination .jsonl (default results/h100/hf-stack-shared.jsonl)")
+    sp.add_argument(
+        "--out",
+        default="results/h100",
+        help="destination folder (default results/h100): <name>-shared.jsonl per measurement file",
+    )
     sp.set_defaults(func=cmd_import_shared)
 
-    sp = sub.add_parser("calibrate", help="fit overhead constants from committed results")
-    sp.add_argument("results", nargs="?", default=str(Path(__file__).resolve().parent.parent / "results"))
+    sp = sub.add_parser(
+        "calibrate",
+        help="fit the overhead and throughput constants from measured results into a calibration file",
+        description="Fit the constants no formula gives (CUDA context, allocator slack, safety margins, step-time "
+        "coefficients) from GPU records, and write them to --out; use the file with --calibration.",
+    )
+    sp.add_argument(
+        "results", nargs="?", help="result .jsonl file or folder (default: ./results, else the shipped measurements)"
+    )
+    sp.add_argument("--out", default="calibration.json", help="calibration file to write (default calibration.json)")
     sp.set_defaults(func=cmd_calibrate)
     return p
+
+
+INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): a bug in qlora-bench, not bad input
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,10 +773,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except InputError as e:
-        print(f"qlora-bench: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever a message quoted
+        print(f"qlora-bench: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. piped into head
         return 0
+    except KeyboardInterrupt:
+        print("qlora-bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("QLORA_BENCH_DEBUG"):
+            raise
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        print(
+            f"qlora-bench: internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+            f"(at {Path(where.filename).name}:{where.lineno}); please report it, with QLORA_BENCH_DEBUG=1 for the "
+            "traceback",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

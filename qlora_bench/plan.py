@@ -240,23 +240,41 @@ def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, curren
     if n and not _fits(current, usable):
         out.append(
             Suggestion(
-                f"{n} GPUs with FSDP / ZeRO-3 (approximate: weights, gradients and optimizer states "
-                f"split {n} ways; sharding is not modelled in detail)",
+                f"{n} GPUs with FSDP / ZeRO-3 (rough: weights, gradients and optimizer states split {n} ways)",
                 "(launch with FSDP full-shard)",
                 s,
                 sharded_device_bytes(current, n),
                 True,
             )
         )
-    # a bigger single GPU (profiles only), smallest first
-    for name in sorted(gpu_names(), key=lambda n: resolve_gpu(n).memory_total_bytes):
-        g = resolve_gpu(name)
-        if g.memory_total_bytes > gpu.memory_total_bytes and _fits(current, usable_bytes(g)):
-            out.append(
-                Suggestion(f"a GPU with more memory: {name}", f"--gpu {name}", s, current.peak_device_bytes, True)
-            )
-            break
+    bigger = bigger_gpu(current, gpu)
+    if bigger:
+        out.append(Suggestion(bigger[1], f"--gpu {bigger[0]}", s, current.peak_device_bytes, True))
     return out
+
+
+# Cards whose memory is within this fraction of the smallest one that fits count as one size class ("80 GB":
+# A100-80GB reports 81,920 MiB, H100 81,559 MiB): among them the plan names the oldest, which rents for less and
+# is more widely available, instead of whichever reports a few hundred MiB less.
+SIZE_CLASS = 0.10
+
+
+def bigger_gpu(e: Estimate, gpu: GpuSpec) -> tuple[str, str] | None:
+    """(profile, sentence) for the GPU profile with more memory on which `e` fits, or None."""
+    fitting = [
+        resolve_gpu(n)
+        for n in gpu_names()
+        if resolve_gpu(n).memory_total_bytes > gpu.memory_total_bytes and _fits(e, usable_bytes(resolve_gpu(n)))
+    ]
+    if not fitting:
+        return None
+    smallest = min(g.memory_total_bytes for g in fitting)
+    same_class = sorted(
+        (g for g in fitting if g.memory_total_bytes <= smallest * (1 + SIZE_CLASS)),
+        key=lambda g: (g.launch_year or 9999, g.memory_total_bytes, g.name),
+    )
+    pick, others = same_class[0], [g.name for g in same_class[1:]]
+    return pick.name, f"a GPU with more memory: {pick.name}" + (f" (or {', '.join(others)})" if others else "")
 
 
 def _throughput(p: Plan, model: ModelSpec, s: Settings, gpu: GpuSpec) -> None:
@@ -298,9 +316,16 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
                 "fits only without peft's fp32 upcast of embeddings/lm_head/norms: your trainer must not "
                 "call prepare_model_for_kbit_training (or must undo its cast)"
             )
-    if s.seq > model.config.get("max_position_embeddings", s.seq):
+    if model.max_position_embeddings and s.seq > model.max_position_embeddings:
         notes.append(
-            f"seq {s.seq} exceeds the model's max_position_embeddings ({model.config['max_position_embeddings']})"
+            f"seq {s.seq:,} is longer than the model's context (max_position_embeddings "
+            f"{model.max_position_embeddings:,}): it would need RoPE scaling, and quality beyond the trained "
+            "context is not assured"
+        )
+    if model.defaulted:
+        notes.append(
+            f"{model.name}: config.json does not set " + ", ".join(f"{k} (so {v})" for k, v in model.defaulted)
+            + f": transformers' {model.model_type} defaults, as AutoConfig would use them"
         )
     p = Plan(
         estimate=e,

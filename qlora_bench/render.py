@@ -1,7 +1,9 @@
-"""Terminal rendering with rich (tables right-justify numbers; the same data as --json)."""
+"""Terminal rendering with rich (the same data as --json). Every table must read at 80 columns: numbers never
+wrap, text columns fold at word boundaries, and record ids, which are long paths, become short unique labels."""
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -16,6 +18,31 @@ _STYLE = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold re
 
 def _g(n: int) -> str:
     return f"{n / GiB:,.2f}"
+
+
+def _count(n: int) -> str:
+    """8,030,261,248 -> '8.03 B'; 41,943,040 -> '41.9 M'."""
+    if n >= 1e9:
+        return f"{n / 1e9:,.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:,.1f} M"
+    return f"{n:,}"
+
+
+def table(title: str | None = None, *columns: str, numeric: tuple[str, ...] = ()) -> Table:
+    """A table in the house style: a simple head rule and no vertical borders (they cost 3 columns each at 80);
+    numeric columns right-aligned and never wrapped; text columns fold at spaces."""
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in columns:
+        if c in numeric:
+            t.add_column(c, justify="right", no_wrap=True)
+        else:
+            t.add_column(c, overflow="fold")
+    return t
+
+
+def note(text: str) -> None:
+    console.print(f"[dim]{text}[/dim]")
 
 
 def _title(p: Plan) -> str:
@@ -44,10 +71,7 @@ def plan(p: Plan) -> None:
         )
         + f" of {_g(p.usable_bytes)} GiB usable: {over} {_g(abs(p.headroom_bytes))} GiB"
     )
-    t = Table(title=f"memory at the peak (phase: {e.peak_phase})", title_justify="left")
-    t.add_column("component")
-    t.add_column("GiB", justify="right")
-    t.add_column("share", justify="right")
+    t = table(f"memory at the peak (phase: {e.peak_phase})", "component", "GiB", "share", numeric=("GiB", "share"))
     for k, v in e.components.items():
         t.add_row(LABELS.get(k, k), _g(v), f"{v / e.peak_device_bytes:.0%}")
     t.add_section()
@@ -57,36 +81,48 @@ def plan(p: Plan) -> None:
     console.print(t)
     s = e.settings
     console.print(
-        f"params {e.total_params / 1e9:.2f} B, trainable {e.trainable_params / 1e6:,.1f} M · "
-        f"largest micro-batch at seq {s.seq}: [bold]{p.max_batch}[/bold] · "
-        f"longest sequence at batch {s.batch}: [bold]{p.max_seq:,}[/bold]"
+        f"params {_count(e.total_params)}, trainable {_count(e.trainable_params)} · "
+        f"largest micro-batch at seq {s.seq:,}: [bold]{_largest(p.max_batch)}[/bold] · "
+        f"longest sequence at batch {s.batch}: [bold]{_largest(p.max_seq)}[/bold]"
     )
     console.print(_speed_line(p))
-    if p.suggestions:
-        title = "changes that would fit" if not p.fits else "changes that add headroom"
-        st = Table(title=title, title_justify="left")
-        st.add_column("change")
-        st.add_column("flags")
-        st.add_column("device GiB", justify="right")
-        st.add_column("fits")
-        for x in p.suggestions:
-            mark = "[green]yes[/green]" if x.fits else "[red]no[/red]"
-            st.add_row(
-                x.change + (" [bold](decides the verdict)[/bold]" if x.decides_verdict else ""),
-                x.flags,
-                _g(x.peak_device_bytes),
-                mark,
-            )
-        console.print(st)
+    _suggestions(p)
     for n in e.notes + p.notes:
         console.print(f"[dim]note:[/dim] {n}")
     if not e.overheads.calibrated:
         console.print("[yellow]note: overheads are uncalibrated literature defaults[/yellow]")
 
 
+def _largest(n: int) -> str:
+    return f"{n:,}" if n else "none fits"
+
+
+def _suggestions(p: Plan) -> None:
+    """What would fit, and apart from it what saves memory but not enough (with how far it stays over)."""
+    fitting = [x for x in p.suggestions if x.fits]
+    close = sorted((x for x in p.suggestions if not x.fits), key=lambda x: x.peak_device_bytes)
+    if fitting:
+        title = "changes that would fit" if not p.fits else "changes that add headroom"
+        t = table(title, "flags", "device GiB", "change", numeric=("device GiB",))
+        for x in fitting:
+            t.add_row(
+                x.flags,
+                _g(x.peak_device_bytes),
+                x.change + (" [bold](decides the verdict)[/bold]" if x.decides_verdict else ""),
+            )
+        console.print(t)
+    if close:
+        t = table(
+            "changes that save memory but do not fit alone", "flags", "device GiB", "change", numeric=("device GiB",)
+        )
+        for x in close:
+            t.add_row(x.flags, _g(x.peak_device_bytes), x.change)
+        console.print(t)
+
+
 def _duration(seconds: float) -> str:
     h, rem = divmod(int(round(seconds)), 3600)
-    return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
+    return f"{h:,} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
 
 
 def _speed_line(p: Plan) -> str:
@@ -95,9 +131,16 @@ def _speed_line(p: Plan) -> str:
         return f"[dim]throughput: not predicted ({why})[/dim]"
     return (
         f"predicted ~{p.tokens_per_sec:,.0f} tokens/s ({p.step_seconds:.2f} s per step, MFU {p.mfu:.0%}); "
-        f"{p.epoch_tokens / 1e6:,.0f}M tokens in ~{_duration(p.epoch_seconds)} "
+        f"{_tokens(p.epoch_tokens)} tokens in ~{_duration(p.epoch_seconds)} "
         "[dim](fitted on H100 steps < 1 s: optimistic for long steps)[/dim]"
     )
+
+
+def _tokens(n: int) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:,.4g}{unit}"
+    return f"{n:,}"
 
 
 def plans_side_by_side(plans: list[Plan]) -> None:
@@ -105,28 +148,30 @@ def plans_side_by_side(plans: list[Plan]) -> None:
     console.print(
         f"[bold]{first.estimate.model.name} on {first.gpu.label}[/bold] "
         f"({_g(first.usable_bytes)} GiB usable) · batch {first.estimate.settings.batch} x seq "
-        f"{first.estimate.settings.seq}"
+        f"{first.estimate.settings.seq:,}"
     )
-    t = Table()
-    t.add_column("GiB")
-    for p in plans:
-        t.add_column(p.estimate.settings.method, justify="right")
-    keys = []
-    for p in plans:
-        keys += [k for k in p.estimate.components if k not in keys]
-    for k in keys:
-        t.add_row(LABELS.get(k, k), *(_g(p.estimate.components.get(k, 0)) for p in plans))
+    methods = [p.estimate.settings.method for p in plans]
+    t = table(None, "GiB", *methods, numeric=tuple(methods))
+    order = [k for k in LABELS if any(k in p.estimate.components for p in plans)]
+    for k in order:
+        t.add_row(LABELS.get(k, k), *(_g_or_dash(p.estimate.components.get(k)) for p in plans))
     t.add_section()
-    t.add_row("optimizer", *(p.estimate.settings.optimizer for p in plans))
-    t.add_row("peak phase", *(p.estimate.peak_phase for p in plans))
     t.add_row("torch peak allocated", *(_g(p.estimate.peak_allocated_bytes) for p in plans))
     t.add_row("[bold]device peak[/bold]", *(f"[bold]{_g(p.estimate.peak_device_bytes)}[/bold]" for p in plans))
     t.add_row("headroom", *(_g(p.headroom_bytes) for p in plans))
     t.add_row("verdict", *(f"[{_STYLE[p.verdict]}]{p.verdict}[/{_STYLE[p.verdict]}]" for p in plans))
-    t.add_row("largest micro-batch", *(str(p.max_batch) for p in plans))
+    t.add_row("largest micro-batch", *(_largest(p.max_batch) for p in plans))
+    t.add_row("longest sequence", *(_largest(p.max_seq) for p in plans))
     t.add_row("tokens/s (predicted)", *("-" if p.tokens_per_sec is None else f"{p.tokens_per_sec:,.0f}" for p in plans))
-    t.add_row("longest sequence", *(f"{p.max_seq:,}" for p in plans))
     console.print(t)
+    console.print(
+        "[dim]each column is its method's worst moment of a step (its peak phase): "
+        + "; ".join(
+            f"{p.estimate.settings.method} at {p.estimate.peak_phase} with {p.estimate.settings.optimizer}"
+            for p in plans
+        )
+        + ". Components that peak at other moments are not in that column.[/dim]"
+    )
     notes = []
     for p in plans:
         notes += [n for n in p.estimate.notes + p.notes if n not in notes]
@@ -134,42 +179,52 @@ def plans_side_by_side(plans: list[Plan]) -> None:
         console.print(f"[dim]note:[/dim] {n}")
 
 
-def profiles() -> None:
-    from .profiles import _gpu_profiles, _model_profiles, load_model_profile, resolve_gpu
+def _g_or_dash(n) -> str:
+    return _g(n) if n else "-"
 
-    t = Table(title="models", title_justify="left")
-    t.add_column("name", no_wrap=True)
-    t.add_column("aliases")
-    for c in ("params", "layers", "hidden", "vocab"):
-        t.add_column(c, justify="right", no_wrap=True)
-    t.add_column("hub id", overflow="fold")
-    for name, data in _model_profiles().items():
-        m = load_model_profile(name)
-        t.add_row(
+
+def profiles() -> None:
+    from .profiles import gpu_names, gpu_profile, load_model_profile, model_names, model_profile, resolve_gpu
+
+    wide = console.width >= 120
+    cols = ["name", "aliases", "params", "layers", "hidden", "vocab"] + (["hub id"] if wide else [])
+    t = table("models", *cols, numeric=("params", "layers", "hidden", "vocab"))
+    for name in model_names():
+        m, p = load_model_profile(name), model_profile(name)
+        row = [
             name,
-            ", ".join(data.get("aliases", [])),
-            f"{m.total_params / 1e9:.2f} B",
+            ", ".join(p.aliases),
+            _count(m.total_params),
             str(m.num_layers),
-            str(m.hidden_size),
+            f"{m.hidden_size:,}",
             f"{m.vocab_size:,}",
-            data.get("hf_id") or "",
-        )
+        ]
+        t.add_row(*row, *([p.hf_id or ""] if wide else []))
+    t.columns[0].no_wrap = True
     console.print(t)
-    g = Table(title="GPUs (also: 24gb, 48GiB, 2x24gb)", title_justify="left")
-    g.add_column("name", no_wrap=True)
-    g.add_column("aliases")
-    for c in ("memory GiB", "bf16", "dense TFLOP/s", "GB/s"):
-        g.add_column(c, justify="right", no_wrap=True)
-    for name, data in _gpu_profiles().items():
-        spec = resolve_gpu(name)
+    if not wide:
+        note("hub ids: qlora-bench profiles --json (or a wider terminal)")
+    g = table(
+        "GPUs (or a size: 24gb, 48GiB; a count: 2x24gb)",
+        "name",
+        "aliases",
+        "GiB",
+        "bf16",
+        "TFLOP/s",
+        "GB/s",
+        numeric=("GiB", "TFLOP/s", "GB/s"),
+    )
+    for name in gpu_names():
+        spec, p = resolve_gpu(name), gpu_profile(name)
         g.add_row(
             name,
-            ", ".join(data.get("aliases", [])),
+            ", ".join(p.aliases),
             _g(spec.memory_total_bytes),
             "yes" if spec.bf16_supported else "no",
-            f"{spec.dense_tflops:g}",
-            f"{spec.memory_bandwidth_GBps:g}",
+            f"{spec.dense_tflops:g}" if spec.dense_tflops else "-",
+            f"{spec.memory_bandwidth_GBps:g}" if spec.memory_bandwidth_GBps else "-",
         )
+    g.columns[0].no_wrap = True
     console.print(g)
 
 
@@ -179,15 +234,18 @@ def _gib_or_dash(n) -> str:
 
 def run_record(rec: dict, spec) -> None:
     """One measured configuration next to the estimator's prediction for it."""
+    from rich.markup import escape
+
     from .estimate import estimate
+    from .run.outcome import STYLE, error_line
     from .settings import Settings
 
     m = rec.get("measured") or {}
-    style = {"ok": "bold green", "oom": "bold red"}.get(rec["outcome"], "bold yellow")
-    console.print(
-        f"[bold]{rec['id']}[/bold]  [{style}]{rec['outcome']}[/{style}]"
-        + (f": {rec['error']}" if rec.get("error") else "")
-    )
+    outcome = rec["outcome"]
+    style = STYLE.get(outcome, "bold yellow")
+    console.print(f"[bold]{escape(rec['id'])}[/bold]  [{style}]{outcome}[/{style}]")
+    if rec.get("error"):  # on its own line, in full
+        console.print(error_line(rec, ""))
     env = rec.get("environment") or {}
     console.print(
         f"[dim]{env.get('gpu_name') or 'CPU'} · torch {env.get('versions', {}).get('torch')} · "
@@ -195,6 +253,10 @@ def run_record(rec: dict, spec) -> None:
         f"{env.get('versions', {}).get('peft')} · bitsandbytes {env.get('versions', {}).get('bitsandbytes')}"
         "[/dim]"
     )
+    if outcome == "error":  # nothing was measured: the estimate alone is `plan`'s job
+        for n in rec.get("notes") or []:
+            console.print(f"[dim]note:[/dim] {escape(n)}")
+        return
     e = estimate(spec, Settings.from_dict(rec["settings"]))
     t = Table()
     t.add_column("GiB")
@@ -212,7 +274,7 @@ def run_record(rec: dict, spec) -> None:
             f"loss {m['losses'][0]:.3f} -> {m['losses'][-1]:.3f}"
         )
     for n in rec.get("notes") or []:
-        console.print(f"[dim]note:[/dim] {n}")
+        console.print(f"[dim]note:[/dim] {escape(n)}")
 
 
 def sweep_summary(summary, out) -> None:
@@ -234,24 +296,61 @@ def sweep_summary(summary, out) -> None:
     console.print(f"ran {len(summary.records)} ({counts or 'nothing'}); {summary.skipped_done} already done (resumed)")
 
 
+def short_labels(ids: list[str]) -> list[str]:
+    """Unique short labels for record ids (`model/method/r16/nf4-dq/optimizer/bsBxS/gc[/more]`): model, method
+    and batch x sequence, plus the parts in which a record departs from the others with the same three."""
+    parts = [i.split("#")[0].split("/") for i in ids]
+    head = [p[:2] + [x for x in p[2:] if x.startswith("bs")] for p in parts]
+    rest = [[x for x in p[2:] if not x.startswith("bs")] for p in parts]
+    groups: dict[tuple, list[int]] = {}
+    for k, h in enumerate(head):
+        groups.setdefault(tuple(h), []).append(k)
+    labels = [" ".join(h) for h in head]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        width = max(len(rest[k]) for k in members)
+        at = [[rest[k][pos] if pos < len(rest[k]) else None for pos in range(width)] for k in members]
+        # each record shows only where it departs from what most of its group has (the common recipe shows none)
+        common = [max((a[pos] for a in at), key=[a[pos] for a in at].count) for pos in range(width)]
+        for k, a in zip(members, at, strict=True):
+            labels[k] = " ".join(head[k] + [v for v, c in zip(a, common, strict=True) if v is not None and v != c])
+    return [x if labels.count(x) == 1 else f"{x} #{k + 1}" for k, x in enumerate(labels)]
+
+
+def _legend() -> None:
+    note("record: model, method, micro-batch x sequence (+ what tells repeats apart); full ids with --json")
+
+
 def results_table(records) -> None:
-    t = Table(title=f"{len(records)} records", title_justify="left")
-    for c in ("id", "outcome", "gpu", "alloc GiB", "reserved GiB", "device GiB", "tokens/s"):
-        t.add_column(c, justify="left" if c in ("id", "outcome", "gpu") else "right")
-    for r in records:
-        m = r.data.get("measured") or {}
+    from .profiles import slug_for
+
+    t = table(
+        f"{len(records)} records",
+        "record",
+        "outcome",
+        "gpu",
+        "alloc GiB",
+        "reserved",
+        "device",
+        "tokens/s",
+        numeric=("alloc GiB", "reserved", "device", "tokens/s"),
+    )
+    for label, r in zip(short_labels([r.id for r in records]), records, strict=True):
+        m = r.measured
         env = r.data.get("environment") or {}
         tps = m.get("tokens_per_sec")
         t.add_row(
-            r.data.get("id", "?"),
+            label,
             r.data.get("outcome", "?"),
-            env.get("gpu_name") or "cpu",
+            slug_for(env.get("gpu_name")),
             _gib_or_dash(m.get("peak_allocated_bytes")),
             _gib_or_dash(m.get("peak_reserved_bytes")),
             _gib_or_dash(m.get("peak_device_bytes")),
             f"{tps:,.0f}" if tps else "-",
         )
     console.print(t)
+    _legend()
 
 
 def _pct(x) -> str:
@@ -259,83 +358,86 @@ def _pct(x) -> str:
 
 
 def validation(rows, summaries) -> None:
-    t = Table(title="estimate vs measurement (GiB; error = predicted / measured - 1)", title_justify="left")
-    t.add_column("record", overflow="fold")
-    for c in (
-        "set",
-        "alloc meas",
-        "alloc err",
-        "reserved meas",
-        "res err",
-        "device meas",
-        "dev err",
-        "static err",
-        "optim err",
-        "fit?",
-        "tok/s meas",
-        "tok/s err",
-        "MFU",
-        "HFU",
-    ):
-        t.add_column(c, justify="left" if c == "set" else "right")
-    for x in rows:
-        m, tp = x.measured, x.throughput
+    labels = short_labels([x.record.id for x in rows])
+    wide = console.width >= 100  # the static / optimizer-state columns only where they do not squeeze the labels
+    cols = ["record", "set", "alloc", "err", "device", "err "] + (["static", "optim"] if wide else []) + ["fits?"]
+    mem = table(
+        "memory: estimate vs measurement (GiB; err = predicted / measured - 1)",
+        *cols,
+        numeric=("alloc", "err", "device", "err ", "static", "optim"),
+    )
+    for label, x in zip(labels, rows, strict=True):
+        m = x.measured
         fit = (
             "-" if x.fits_predicted is None else ("FALSE FIT" if x.false_fit else ("yes" if x.fits_predicted else "no"))
         )
-        t.add_row(
-            x.record.id,
-            "held-out" if x.held_out else "fitted",
+        static = [_pct(x.error("static_after_load_bytes")), _pct(x.error("optimizer_state_bytes"))] if wide else []
+        mem.add_row(
+            label,
+            "held" if x.held_out else "fit",
             _gib_or_dash(m["peak_allocated_bytes"]),
             _pct(x.error("peak_allocated_bytes")),
-            _gib_or_dash(m["peak_reserved_bytes"]),
-            _pct(x.error("peak_reserved_bytes")),
             _gib_or_dash(m["peak_device_bytes"]),
             _pct(x.error("peak_device_bytes")),
-            _pct(x.error("static_after_load_bytes")),
-            _pct(x.error("optimizer_state_bytes")),
+            *static,
             fit,
-            f"{tp['tokens_per_sec']:,.0f}" if tp.get("tokens_per_sec") else "-",
+        )
+    console.print(mem)
+    note(
+        "set: fit = the calibration was fitted on it, held = held out; "
+        + ("static: memory after load and wrap; optim: optimizer state bytes; " if wide else "")
+        + "fits?: what plan says on the record's GPU"
+        + ("" if wide else "; static and optimizer-state errors: --json or 100+ columns")
+    )
+    tput = table(
+        "throughput: estimate vs measurement",
+        "record",
+        "tokens/s",
+        "predicted",
+        "err",
+        "step s",
+        "MFU",
+        "HFU",
+        numeric=("tokens/s", "predicted", "err", "step s", "MFU", "HFU"),
+    )
+    for label, x in zip(labels, rows, strict=True):
+        tp = x.throughput
+        if not tp.get("tokens_per_sec"):
+            continue
+        tput.add_row(
+            label,
+            f"{tp['tokens_per_sec']:,.0f}",
+            f"{tp['tokens_per_sec_predicted']:,.0f}" if tp.get("tokens_per_sec_predicted") else "-",
             _pct(tp.get("error")),
+            f"{tp['step_seconds']:.2f}" if tp.get("step_seconds") else "-",
             f"{tp['mfu']:.0%}" if tp.get("mfu") is not None else "-",
             f"{tp['hfu']:.0%}" if tp.get("hfu") is not None else "-",
         )
-    console.print(t)
-    s = Table(title="summary (absolute errors)", title_justify="left")
-    for c in (
-        "set",
-        "n",
-        "device median",
-        "device worst",
-        "allocated median",
-        "allocated worst",
-        "false fits",
-        "tok/s median",
-        "tok/s worst",
-        "steps >= 1 s",
-    ):
-        s.add_column(c, justify="left" if c == "set" else "right")
+    if tput.row_count:
+        console.print(tput)
+    cols = ("set", "n", "device", "allocated", "tokens/s", "false fits")
+    s = table("summary: median / worst absolute error", *cols, numeric=cols[1:])
     for name, sm in summaries.items():
         if not sm.n:
             continue
-        med, worst = sm.median_abs_error, sm.worst_abs_error
 
-        def f(d, k):
-            return f"{d[k]:.1%}" if k in d else "-"
+        def f(k, sm=sm):
+            med, worst = sm.median_abs_error.get(k), sm.worst_abs_error.get(k)
+            return "-" if med is None else f"{med:.1%} / {worst:.1%}"
 
         s.add_row(
             name,
             str(sm.n),
-            f(med, "peak_device_bytes"),
-            f(worst, "peak_device_bytes"),
-            f(med, "peak_allocated_bytes"),
-            f(worst, "peak_allocated_bytes"),
+            f("peak_device_bytes"),
+            f("peak_allocated_bytes"),
+            f("tokens_per_sec"),
             str(sm.false_fits),
-            f(med, "tokens_per_sec"),
-            f(worst, "tokens_per_sec"),
-            str(sm.long_step_records),
         )
+    s.columns[0].no_wrap = True
     console.print(s)
+    long = max((sm.long_step_records for sm in summaries.values() if sm.n), default=0)
+    note(f"{long} record(s) with steps of at least 1 s (where throughput repeats within ~1 %)")
+    _legend()
 
 
 def comparison(cmp) -> None:
@@ -400,10 +502,8 @@ def inference(d: dict) -> None:
     )
     from .estimate.inference import MODE_LABELS
 
-    t = Table()
-    t.add_column("GiB")
-    for m in d["modes"]:
-        t.add_column(MODE_LABELS[m["mode"]], justify="right")
+    modes = [m["mode"] for m in d["modes"]]
+    t = table(None, "GiB", *modes, numeric=tuple(modes))
     order = [
         "weights_16bit",
         "weights_4bit",
@@ -428,12 +528,13 @@ def inference(d: dict) -> None:
         "cuda_context": "CUDA context + libraries",
     }
     for k in keys:
-        t.add_row(names.get(k, k), *(_g(m["components"].get(k, 0)) for m in d["modes"]))
+        t.add_row(names.get(k, k), *(_g_or_dash(m["components"].get(k)) for m in d["modes"]))
     t.add_section()
     t.add_row("[bold]device peak[/bold]", *(f"[bold]{_g(m['peak_device_bytes'])}[/bold]" for m in d["modes"]))
     t.add_row("fits", *(("[green]yes[/green]" if m["fits"] else "[red]no[/red]") for m in d["modes"]))
-    t.add_row("largest batch", *(str(m["max_batch"]) for m in d["modes"]))
+    t.add_row("largest batch", *(_largest(m["max_batch"]) for m in d["modes"]))
     console.print(t)
+    note("; ".join(f"{m}: {MODE_LABELS[m]}" for m in modes))
     a, mg = d["adapter"], d["merge"]
     console.print(
         f"adapter: {a['params'] / 1e6:,.1f} M parameters, {_g(a['memory_bytes'])} GiB in memory (fp32), "
@@ -449,11 +550,14 @@ def inference(d: dict) -> None:
 
 def infer_records(recs: list[dict], spec) -> None:
     """Measured serving modes next to the estimator's memory for the same mode."""
+    from rich.markup import escape
+
     from .estimate.inference import InferSettings, estimate_inference
+    from .run.outcome import error_line
     from .settings import Settings
 
     t = Table(title=f"serving {spec.name}", title_justify="left")
-    t.add_column("mode")
+    t.add_column("mode", no_wrap=True)
     for c in (
         "outcome",
         "peak GiB",
@@ -488,5 +592,8 @@ def infer_records(recs: list[dict], spec) -> None:
             f"{m['switch_seconds'] * 1e3:.1f}" if m.get("switch_seconds") else "-",
         )
     console.print(t)
+    for r in recs:  # what went wrong, in full: the table has no room for it
+        if r["outcome"] != "ok":
+            console.print(error_line(r, f"{(r.get('serving') or {}).get('mode') or '?'}: "))
     for n in (recs[0].get("notes") or []) if recs else []:
-        console.print(f"[dim]note:[/dim] {n}")
+        console.print(f"[dim]note:[/dim] {escape(n)}")

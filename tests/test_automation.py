@@ -50,5 +50,5 @@ def test_workflows_call_existing_nox_sessions_and_commands():
 def test_nox_lists_sessions():
     nox = shutil.which("nox") or str(Path(sys.executable).parent / "nox")
     out = subprocess.run([nox, "-l"], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    for s in ("tests", "lint", "bench_cpu", "bench_gpu", "sweep", "report"):
+    for s in ("tests", "lint", "fuzz", "bench_cpu", "bench_gpu", "sweep", "report"):
         assert f" {s}" in out

@@ -12,7 +12,10 @@ from qlora_bench.cli import main
 
 
 def run(capsys, *args):
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse refuses a flag's value
+        code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -66,6 +69,63 @@ def test_local_config(capsys, tmp_path):
         assert code == 0 and json.loads(out)["model"] == "my-model"
 
 
+def test_malformed_config_bytes(capsys, tmp_path):
+    f = tmp_path / "config.json"
+    for data, needle in ((b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8"), ('{"a": "é"}'.encode("utf-16"), "UTF-16"),
+                         ('{"model_type": "llama", "x": "é"}'.encode("latin-1"), "not UTF-8")):
+        f.write_bytes(data)
+        code, _, err = run(capsys, "plan", "--model", str(f), "--gpu", "24gb")
+        _one_line_error(code, err, str(f), needle)
+
+
+def test_config_paths_that_are_not_files(capsys, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # must be refused, not read (it would block forever)
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere.json")
+    (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
+    (tmp_path / "empty-folder").mkdir()
+    for name, needle in (("fifo.json", "not a regular file"), ("dangling.json", "broken link"),
+                         ("loop.json", "unreadable"), ("empty-folder", "without config.json")):
+        code, _, err = run(capsys, "plan", "--model", str(tmp_path / name), "--gpu", "24gb")
+        _one_line_error(code, err, name, needle)
+
+
+def test_mixtral_without_expert_count_is_an_eight_expert_model(capsys, tmp_path):
+    """transformers' MixtralConfig defaults num_local_experts to 8: a config.json without it is not dense."""
+    cfg = json.loads((profiles.profiles_dir() / "models" / "mixtral-8x7b.json").read_text())["config"]
+    del cfg["num_local_experts"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code, out, _ = run(capsys, "plan", "--model", str(tmp_path), "--gpu", "h200", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["total_params"] > 46e9
+    assert any("num_local_experts (so 8)" in n for n in d["notes"])
+
+
+def test_long_sequence_is_flagged(capsys):
+    code, out, _ = run(capsys, "plan", "--model", "llama-2-7b", "--gpu", "h100", "--seq", "8k", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["settings"]["seq"] == 8192
+    assert any("longer than the model's context" in n and "4,096" in n for n in d["notes"])
+
+
+def test_typed_forms(capsys):
+    code, out, _ = run(capsys, "plan", "--model", "8b", "--gpu", "h100", "--method", "QLoRA", "--epoch-tokens",
+                       "100M", "--attn", "SDPA", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["method"] == "qlora" and d["epoch_tokens"] == 100_000_000 and d["settings"]["attn"] == "sdpa"
+    code, out, _ = run(capsys, "plan", "--model", "8b", "--gpu", "h100", "--targets", "q_proj, v_proj,q_proj",
+                       "--json")
+    assert json.loads(out)["settings"]["targets"] == "q_proj,v_proj"
+
+
+def test_bigger_gpu_prefers_the_older_card_of_a_size(capsys):
+    code, out, _ = run(capsys, "plan", "--model", "70b", "--gpu", "48gb", "--json")
+    flags = [s["flags"] for s in json.loads(out)["suggestions"]]
+    assert "--gpu a100-80gb" in flags and "--gpu h100-pcie" not in flags
+
+
 def test_profiles_command(capsys):
     code, out, _ = run(capsys, "profiles")
     assert code == 0 and "llama-3.1-70b" in out and "h100-sxm" in out
@@ -95,7 +155,16 @@ def _one_line_error(code, err, *needles):
     (["--model", "8b", "--gpu", "h100", "--rank", "5000"], ["rank 5000", "q_proj", "rank <= 4096"]),
     (["--model", "8b", "--gpu", "h100", "--method", "full", "--quant", "fp4"], ["fp4", "qlora"]),
     (["--model", "8b", "--gpu", "h100", "--targets", "foo_proj"], ["foo_proj", "q_proj"]),
-    (["--model", "8b", "--gpu", "h100", "--dropout", "1.5"], ["dropout"]),
+    (["--model", "8b", "--gpu", "h100", "--dropout", "1.5"], ["dropout", "[0, 1)"]),
+    (["--model", "8b", "--gpu", "h100", "--alpha", "nan"], ["--alpha", "finite"]),
+    (["--model", "8b", "--gpu", "h100", "--targets", ","], ["--targets", "q_proj,v_proj"]),
+    (["--model", "8b", "--gpu", "24"], ["24gb"]),
+    (["--model", "8b", "--gpu", "9" * 5000 + "x24gb"], ["GPU count", "64"]),
+    (["--model", "8b", "--gpu", "h100", "--batch", "1" + "0" * 400], ["--batch", "1,048,576"]),
+    (["--model", "x" * 300, "--gpu", "h100"], ["unknown model"]),
+    (["--model", "/tmp/" + "x" * 300 + ".json", "--gpu", "h100"], ["File name too long"]),
+    (["--model", "a\0b.json", "--gpu", "h100"], ["not a usable file path"]),
+    (["--model", "", "--gpu", "h100"], ["--model is empty"]),
 ])
 def test_bad_input_is_one_line(capsys, args, needles):
     code, _, err = run(capsys, "plan", *args)
@@ -103,7 +172,7 @@ def test_bad_input_is_one_line(capsys, args, needles):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["--batch", "0"], ["--batch", "at least 1"]),
+    (["--batch", "0"], ["--batch", "between 1 and"]),
     (["--seq", "-5"], ["--seq"]),
     (["--seq", "abc"], ["--seq", "whole number"]),
     (["--method", "qlora4"], ["--method", "invalid choice"]),
@@ -116,10 +185,21 @@ def test_bad_flags_are_one_line(capsys, args, needles):
 
 @pytest.mark.parametrize("content,needles", [
     ("{not json", ["not valid JSON"]),
-    ('{"model_type": "llama", "hidden_size": 64}', ["missing field 'num_attention_heads'"]),
+    ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 3}', ["hidden_size", "multiple of"]),
     ('{"model_type": "bert"}', ["model_type", "llama"]),
     ('{"model_type": "llama", "hidden_size": -1, "intermediate_size": 1, "num_hidden_layers": 1, '
-     '"num_attention_heads": 1, "vocab_size": 1}', ["hidden_size", "positive"]),
+     '"num_attention_heads": 1, "vocab_size": 1}', ["'hidden_size' is -1", "an integer in [1,"]),
+    ('{"model_type": "llama", "num_key_value_heads": 0}', ["num_key_value_heads", "in [1,"]),
+    ('{"model_type": "llama", "num_key_value_heads": true}', ["num_key_value_heads", "True"]),
+    ('{"model_type": "llama", "head_dim": 0}', ["head_dim"]),
+    ('{"model_type": "llama", "head_dim": "128"}', ["head_dim", "'128'"]),
+    ('{"model_type": "llama", "head_dim": NaN}', ["NaN is not a JSON number"]),
+    ('{"model_type": "llama", "max_position_embeddings": null}', ["max_position_embeddings", "null"]),
+    ('{"model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 5}', ["num_experts_per_tok", "at most"]),
+    ('{"model_type": "llama", "vocab_size": 1' + "0" * 5000 + '}', ["too many digits"]),
+    ("[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+    ("[1, 2]", ["expected a JSON object"]),
+    ("", ["not valid JSON"]),
 ])
 def test_malformed_config(capsys, tmp_path, content, needles):
     f = tmp_path / "config.json"
