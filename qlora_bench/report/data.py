@@ -88,26 +88,26 @@ def feasibility_table() -> list[dict]:
 
 
 def environment_table(records: list[Record]) -> list[dict]:
+    """One row per results file, environment and origin. `source` is the file a record was imported from
+    (provenance.source; "-" for records written by our own runner), `commit` the repository commit the run
+    was made at (environment.git_commit), "-" where the record has none."""
     seen = {}
     for r in records:
         env = r.data.get("environment") or {}
         v = env.get("versions") or {}
         prov = r.data.get("provenance") or {}
-        key = (str(r.path.name), env.get("gpu_name"), env.get("driver"))
-        seen.setdefault(
-            key,
-            {
-                "results file": str(r.path.name),
-                "GPU": env.get("gpu_name") or "-",
-                "driver": env.get("driver") or "-",
-                "torch": v.get("torch") or "-",
-                "transformers": v.get("transformers") or "-",
-                "peft": v.get("peft") or "-",
-                "bitsandbytes": v.get("bitsandbytes") or "-",
-                "commit": env.get("git_commit") or prov.get("source") or "-",
-                "records": 0,
-            },
-        )["records"] += 1
+        row = {
+            "results file": str(r.path.name),
+            "GPU": env.get("gpu_name") or "-",
+            "driver": env.get("driver") or "-",
+            "torch": v.get("torch") or "-",
+            "transformers": v.get("transformers") or "-",
+            "peft": v.get("peft") or "-",
+            "bitsandbytes": v.get("bitsandbytes") or "-",
+            "source": prov.get("source") or "-",
+            "commit": env.get("git_commit") or "-",
+        }
+        seen.setdefault(tuple(row.values()), {**row, "records": 0})["records"] += 1
     return [{**d, "records": str(d["records"])} for _, d in sorted(seen.items())]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from ..results import REPO_ROOT, load_records
@@ -22,15 +23,31 @@ def _rel(p: Path) -> str:
     return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else p.name
 
 
+# A numeric cell: a number with an optional sign, thousands commas and unit ("+3.3%", "6,742", "1.2 B").
+NUMBER = re.compile(r"[+-]?\d[\d,]*(\.\d+)?\s?(%|GiB|GB|B|ms|s)?")
+
+
+def numeric_columns(rows: list[dict]) -> set[str]:
+    """Columns whose every cell is a number or "-": right-aligned in both formats, everything else left-aligned.
+    Decided from the content, so no table has to declare its column kinds."""
+    cols = list(rows[0]) if rows else []
+    out = set()
+    for c in cols:
+        cells = [str(r[c]) for r in rows if str(r[c]) != "-"]
+        if cells and all(NUMBER.fullmatch(v) for v in cells):
+            out.add(c)
+    return out
+
+
 def md_table(rows: list[dict]) -> str:
     if not rows:
         return "_(none)_\n"
-    cols = list(rows[0])
+    cols, num = list(rows[0]), numeric_columns(rows)
 
     def cell(v):
         return str(v).replace("|", "\\|").replace("\n", " ")
 
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c in num else ":---" for c in cols) + "|"]
     out += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(out) + "\n"
 
@@ -38,9 +55,10 @@ def md_table(rows: list[dict]) -> str:
 def html_table(rows: list[dict]) -> str:
     if not rows:
         return "<p><em>(none)</em></p>"
-    cols = list(rows[0])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    cols, num = list(rows[0]), numeric_columns(rows)
+    cls = {c: ' class="num"' if c in num else "" for c in cols}
+    head = "".join(f"<th{cls[c]}>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td{cls[c]}>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -64,8 +82,8 @@ def _targets(validation) -> list[dict]:
     out.append(
         {
             "target": "tokens/s within 15% for steps >= 1 s",
-            "measured": f"{long:.1%}" if long is not None else "no such steps measured",
-            "met": "untested" if long is None else ("yes" if long <= 0.15 else "no"),
+            "measured": f"{long:.1%}" if long is not None else "-",  # "-", not words, keeps the column numeric
+            "met": "untested (no steps >= 1 s measured)" if long is None else ("yes" if long <= 0.15 else "no"),
         }
     )
     return out
@@ -84,7 +102,8 @@ def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
         raise InputError(f"no GPU records in {', '.join(map(str, inputs))}: nothing to report")
     figures = {
         "predicted-vs-measured.png": (
-            "Predicted vs measured peak device memory; the bands are ±5 % and ±10 %.",
+            "Predicted vs measured peak device memory (log axes) and the error per configuration; the shaded bands "
+            "are ±5 % and ±10 %, hollow markers are held-out records.",
             plots.predicted_vs_measured(data["rows"]),
         ),
         "memory-breakdown.png": (
@@ -92,7 +111,7 @@ def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
             plots.breakdown(data["breakdown"]),
         ),
         "throughput.png": (
-            "Tokens/s measured and predicted with MFU, and tokens/s against peak memory.",
+            "Tokens/s measured and predicted with MFU, and tokens/s against peak memory, one panel per model.",
             plots.throughput(data["rows"]),
         ),
     }
@@ -109,7 +128,12 @@ def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
             [r for r in infer_measured_table(infer_records) if r["peak GiB"] != "-"],
             None,
         ),
-        ("What the guides claim", claims(records, infer_records), None),
+        # the verdict sentence leads with the status, so the status column would only repeat it
+        (
+            "What the guides claim",
+            [{k: v for k, v in c.items() if k != "status"} for c in claims(records, infer_records)],
+            None,
+        ),
         ("Calibration constants (fitted by `qlora-bench calibrate`)", data["calibration"], None),
         ("Where the measurements come from", data["environment"], None),
     ]
@@ -169,7 +193,7 @@ def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
-        "padding:3px 6px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+        "padding:3px 6px;text-align:left}th{background:#f3f3f3}.num{text-align:right}"
         "img{max-width:100%}figcaption{font-size:12px;color:#555}"
     )
     page = (
