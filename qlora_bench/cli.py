@@ -173,12 +173,20 @@ def cmd_infer(a: argparse.Namespace) -> int:
 
 def cmd_merge(a: argparse.Namespace) -> int:
     _need_train_extra()
+    from .errors import check_output_dir, file_kind
     from .run.merge import merge_adapter
 
-    for path, what in ((a.adapter, "--adapter"),):
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise InputError(f"{what} {path}: no adapter_config.json there (a folder saved by peft's save_pretrained)")
-    info = merge_adapter(a.base, a.adapter, a.out, device=a.device, dtype=a.dtype)
+    if file_kind(Path(a.adapter) / "adapter_config.json"):
+        raise InputError(
+            f"--adapter {a.adapter}: no adapter_config.json there (a folder saved by peft's save_pretrained)"
+        )
+    if file_kind(a.base) != "missing" and file_kind(Path(a.base) / "config.json"):
+        raise InputError(f"--base {a.base}: no config.json there (a model folder saved by transformers)")
+    check_output_dir(a.out, "output folder for the merged model")
+    try:
+        info = merge_adapter(a.base, a.adapter, a.out, device=a.device, dtype=a.dtype)
+    except (OSError, ValueError) as e:  # what transformers / peft say about a base or adapter they cannot load
+        raise InputError(f"merge: {' '.join(str(e).split())[:300]}") from None
     print(
         f"merged into {info['out']}: {info['params']:,} parameters, {info['bytes'] / 1e9:.2f} GB in "
         f"{', '.join(info['files'])}; reloads with transformers alone"
@@ -710,7 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", required=True, help="base model folder (or hub id when online)")
     sp.add_argument("--adapter", required=True, help="adapter folder saved by peft (adapter_config.json)")
     sp.add_argument("--out", required=True, help="output folder for the merged model")
-    sp.add_argument("--device", default="cpu", help="cpu (default) or cuda: see `qlora-bench infer` for the peak")
+    sp.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu (default) or cuda: see `qlora-bench infer` for the peak",
+    )
     sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     sp.set_defaults(func=cmd_merge)
 
@@ -792,6 +805,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return INTERNAL_ERROR
+    finally:
+        if getattr(args, "calibration", None):  # main() may run again in this process (tests): back to the default
+            from .estimate.overhead import use_calibration
+
+            use_calibration(None)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -324,7 +324,8 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
         )
     if model.defaulted:
         notes.append(
-            f"{model.name}: config.json does not set " + ", ".join(f"{k} (so {v})" for k, v in model.defaulted)
+            f"{model.name}: config.json does not set "
+            + ", ".join(f"{k} (so {v})" for k, v in model.defaulted)
             + f": transformers' {model.model_type} defaults, as AutoConfig would use them"
         )
     p = Plan(

@@ -164,6 +164,7 @@ class ModelSpec:
 # num_local_experts is an 8-expert model, not a dense one). tests/test_profiles.py checks this table against the
 # installed transformers. None means "derived": head_dim = hidden_size // num_attention_heads, num_key_value_heads
 # = num_attention_heads (what the configs' __post_init__ and the attention modules do).
+# fmt: off
 CONFIG_DEFAULTS: dict[str, dict] = {
     "llama": dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -193,14 +194,20 @@ CONFIG_DEFAULTS: dict[str, dict] = {
         num_key_value_heads=None, head_dim=None, max_position_embeddings=4096, tie_word_embeddings=False,
     ),
 }
+# fmt: on
 SUPPORTED_MODEL_TYPES = tuple(CONFIG_DEFAULTS)
 # null in these means "derive it" (transformers: `int | None` fields); elsewhere null is refused, as the strict
 # configs of transformers 5.x refuse it (`max_position_embeddings: null` is a TypeError there)
 _NULL_MEANS_DERIVED = ("num_key_value_heads", "head_dim")
 # fields that size the model: when a config.json leaves one out, plan says that transformers' default was used
 SIZE_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-    "num_local_experts", "num_experts_per_tok",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "num_local_experts",
+    "num_experts_per_tok",
 )
 
 
@@ -255,10 +262,8 @@ def model_from_config(cfg: dict, name: str, where: str, **meta) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise InputError(f"{where}: expected a JSON object of config.json fields, found {type_name(cfg)}")
     mt = cfg.get("model_type")
-    if mt not in CONFIG_DEFAULTS:
-        raise InputError(
-            f"{where}: field 'model_type' is {shown(mt)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if not isinstance(mt, str) or mt not in CONFIG_DEFAULTS:
+        raise InputError(f"{where}: field 'model_type' is {shown(mt)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     defaults = CONFIG_DEFAULTS[mt]
     given = {
         k: v

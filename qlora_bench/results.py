@@ -119,7 +119,7 @@ class TrainMeasured:
         for lo, hi in pairs:
             a, b = getattr(self, lo), getattr(self, hi)
             if a is not None and b is not None and a > b:
-                raise InputError(f"{where}: measured.{lo} ({a:,}) is larger than measured.{hi} ({b:,}); expected <=")
+                raise InputError(f"{where}: {lo} ({a:,}) is larger than {hi} ({b:,}); expected at most {hi}")
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,10 @@ class TrainRecord:
     model: str = rule(nonempty=True, max_len=4096)
     settings: Settings = rule()
     outcome: Literal[OUTCOMES] = rule()
+    measured: TrainMeasured = rule(hint="the measured figures ({} for a run that left none)")
     key: str | None = rule(None, max_len=100)
     architecture: dict | None = None
     error: str | None = rule(None, max_len=100_000)
-    measured: TrainMeasured = rule(factory=TrainMeasured)
     environment: Environment | None = None
 
     def check(self, where: str) -> None:
@@ -171,10 +171,10 @@ class InferRecord:
     model: str = rule(nonempty=True, max_len=4096)
     settings: Settings = rule()
     outcome: Literal[OUTCOMES] = rule()
+    # keys depend on the batch (decode_tokens_per_sec_b8); every number in it is a byte count, seconds or a rate
+    measured: dict = rule(hint="the measured figures ({} for a run that left none)")
     key: str | None = rule(None, max_len=100)
     error: str | None = rule(None, max_len=100_000)
-    # keys depend on the batch (decode_tokens_per_sec_b8); every number in it is a byte count, seconds or a rate
-    measured: dict = rule(factory=dict)
     serving: dict = rule(factory=dict)
     environment: Environment | None = None
 

@@ -273,8 +273,8 @@ def load(cls, data: Any, where: str, prefix: str = ""):
             continue
         kwargs[name] = check_value(tp, data[name], where, path, r)
     obj = cls(**kwargs)
-    if hasattr(obj, "check"):
-        obj.check(where)
+    if hasattr(obj, "check"):  # cross-field rules; a nested object's messages name it
+        obj.check(f"{where}: field '{prefix}'" if prefix else where)
     return obj
 
 

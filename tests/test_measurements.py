@@ -115,3 +115,55 @@ def test_garbage_last_line_is_not_mistaken_for_a_torn_one(tmp_path):
     f.write_text("garbage\n")
     with pytest.raises(InputError, match="not valid JSON"):
         load_records(f)
+
+
+def _records_with(tmp_path, change):
+    """The committed H100 records with `change(record)` applied to each, in a results file of their own."""
+    lines = (RESULTS_DIR / "h100" / "hf-stack-shared.jsonl").read_text().splitlines()
+    out = []
+    for line in lines:
+        d = json.loads(line)
+        change(d)
+        out.append(json.dumps(d))
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(out) + "\n")
+    return f
+
+
+@pytest.mark.parametrize("change,needle", [
+    # a negative idle baseline used to fit a driver reservation of -931 GiB, after which 70B "fit" in 24 GB
+    (lambda d: d["measured"].update(nvml_used_baseline_bytes=-10**12), "nvml_used_baseline_bytes"),
+    # NVML's peak below torch's reserved peak: the figures contradict each other
+    (lambda d: d["measured"].update(peak_device_bytes=d["measured"]["peak_reserved_bytes"] // 2),
+     "peak_reserved_bytes"),
+    # a record the formulas do not describe (allocated peak halved) must not bend the fitted constants
+    (lambda d: d["measured"].update(peak_allocated_bytes=d["measured"]["peak_allocated_bytes"] // 2,
+                                    peak_reserved_bytes=d["measured"]["peak_reserved_bytes"] // 2,
+                                    peak_device_bytes=d["measured"]["peak_device_bytes"] // 2), "cannot calibrate"),
+])
+def test_calibrate_refuses_contradictory_records(tmp_path, change, needle):
+    from qlora_bench.calibration import calibrate
+    from qlora_bench.errors import InputError
+
+    with pytest.raises(InputError, match=needle):
+        calibrate(_records_with(tmp_path, change), tmp_path / "cal.json")
+    assert not (tmp_path / "cal.json").exists()
+
+
+def test_calibrate_on_nothing_is_one_line(tmp_path, capsys):
+    from qlora_bench.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["calibrate", str(tmp_path / "empty"), "--out", str(tmp_path / "cal.json")]) == 2
+    assert "no successful GPU records" in capsys.readouterr().err
+
+
+def test_a_calibration_file_is_checked_before_use(tmp_path, capsys):
+    from qlora_bench.cli import main
+
+    cal = json.loads(CALIBRATION_FILE.read_text())
+    cal["driver_idle_bytes"]["value"] = -(10**12)
+    (tmp_path / "cal.json").write_text(json.dumps(cal))
+    assert main(["plan", "--model", "70b", "--gpu", "24gb", "--calibration", str(tmp_path / "cal.json")]) == 2
+    err = capsys.readouterr().err
+    assert "driver_idle_bytes.value" in err and len(err.strip().splitlines()) == 1
