@@ -112,6 +112,9 @@ def fit(records: list[Record], where: str = "the records") -> dict:
             f"{where}: no successful GPU records with device measurements to calibrate from "
             f"({len(records)} records, {len(gpu_records)} with device peaks, held-out ones excluded)"
         )
+    for r in recs:  # every record the estimator can describe, or an error naming the record, before any fitting
+        with r.context():
+            estimate(r.model_spec(), r.settings)
     residue = {r.id: r.measured["peak_device_bytes"] - r.measured["peak_reserved_bytes"] - _paged(r) for r in recs}
     _refuse_negative(residue, "the CUDA context")
     ctx = _stat([residue[r.id] for r in recs if not _uses_bnb(r)])
@@ -126,6 +129,14 @@ def fit(records: list[Record], where: str = "the records") -> dict:
             opt = optimizer_bytes(trainable_tensors(r.model_spec(), r.settings), r.settings.optimizer_kind)
             cublas[r.id] = after_train["allocated"] - after_load["allocated"] - opt.device
     _refuse_negative(cublas, "the cuBLAS workspace")
+    # a constant no record measured would be written as 0 and silently used: refuse, saying what to measure
+    for stat, what, need in (
+        (ctx, "the CUDA context", "a full or LoRA run with a torch optimizer (no bitsandbytes)"),
+        (bnb, "bitsandbytes' runtime", "a QLoRA run or one with a bitsandbytes optimizer"),
+        (_stat(list(cublas.values())), "the cuBLAS workspace", "a run with mem_after_load and mem_after_train"),
+    ):
+        if not stat["n"]:
+            raise InputError(f"{where}: cannot calibrate {what}: no fitted record is {need}; measure one and rerun")
     out = {
         "generated_by": "qlora-bench calibrate",
         "fitted_on": sorted(r.id for r in recs),

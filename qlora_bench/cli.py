@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from . import flags
+from .compare import Tolerances
 from .errors import InputError
 from .profiles import gpu_slug
 from .schema import field_rule
@@ -33,7 +34,17 @@ def _bounded(name: str, units: dict | None = None):
     return flags.count(int(r.ge), int(r.le), units)
 
 
+def _ranged(cls, name: str):
+    """A number flag with the bounds of the schema field it sets."""
+    r = field_rule(cls, name)
+    lo = r.gt if r.gt is not None else r.ge
+    hi = r.lt if r.lt is not None else r.le
+    return flags.number(lo, hi, lo_open=r.gt is not None, hi_open=r.lt is not None)
+
+
 _positive_int = flags.count(1, 1 << 20)
+_alpha = _ranged(Settings, "alpha")
+_timeout = flags.number(0, 7 * 86400, lo_open=True)  # seconds per configuration: a week at most
 
 
 def _json(data) -> str:
@@ -59,9 +70,9 @@ def add_settings_args(p: argparse.ArgumentParser, methods=(*METHODS, "all")) -> 
     )
     g.add_argument("--grad-accum", type=_bounded("grad_accum"), default=d.grad_accum, help="gradient accumulation")
     g.add_argument("--rank", type=_bounded("rank"), default=d.rank, help="LoRA rank r (default 16)")
-    g.add_argument("--alpha", type=flags.number(0, 1e6, lo_open=True), default=d.alpha, help="LoRA alpha (default 32)")
+    g.add_argument("--alpha", type=_alpha, default=d.alpha, help="LoRA alpha (default 32)")
     g.add_argument(
-        "--dropout", type=flags.number(0, 1, hi_open=True), default=d.dropout, help="LoRA dropout (default 0.05)"
+        "--dropout", type=_ranged(Settings, "dropout"), default=d.dropout, help="LoRA dropout (default 0.05)"
     )
     g.add_argument(
         "--targets",
@@ -337,17 +348,19 @@ def cmd_run(a: argparse.Namespace) -> int:
     _need_train_extra()
     from dataclasses import replace
 
-    from .errors import check_output_file, file_kind
+    from .errors import check_output_file, file_kind, read_text
     from .profiles import resolve_model
     from .results import append_record
     from .run.config import RunConfig
     from .run.train import run_config
 
     spec = resolve_model(a.model)
-    if a.text and file_kind(a.text):
-        raise InputError(f"--text {a.text}: expected a text file, found {file_kind(a.text).replace('missing', 'none')}")
     if bool(a.text) != bool(a.tokenizer):
         raise InputError("--text and --tokenizer go together: a text file and a local tokenizer folder")
+    if a.text:  # checked before anything runs: a bad file is bad input, not a failed measurement
+        read_text(a.text, "text file (--text)")
+        if file_kind(a.tokenizer) != "a folder":
+            raise InputError(f"--tokenizer {a.tokenizer}: expected a local tokenizer folder (tokenizer.json, ...)")
     trainers = ["loop", "sft"] if a.trainer == "both" else [a.trainer]
     if "sft" in trainers:
         import importlib.util
@@ -489,7 +502,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import Tolerances, compare, load_side
+    from .compare import compare, load_side
 
     cmp = compare(
         load_side(Path(a.new)),
@@ -538,14 +551,19 @@ def _add_run_options(p: argparse.ArgumentParser, with_trainer: bool = False) -> 
 
     d = RunOptions()
     g = p.add_argument_group("run options")
+
+    def bounded(name: str):
+        r = field_rule(RunOptions, name)
+        return flags.count(int(r.ge), int(r.le))
+
     g.add_argument(
-        "--steps", type=flags.count(1, 10**6), default=d.steps, help="timed optimizer steps, at least (default 5)"
+        "--steps", type=bounded("steps"), default=d.steps, help="timed optimizer steps, at least (default 5)"
     )
-    g.add_argument("--warmup", type=flags.count(0, 10**6), default=d.warmup, help="untimed warm-up steps (default 3)")
-    g.add_argument("--seed", type=flags.count(0, 2**63 - 1), default=d.seed)
+    g.add_argument("--warmup", type=bounded("warmup"), default=d.warmup, help="untimed warm-up steps (default 3)")
+    g.add_argument("--seed", type=bounded("seed"), default=d.seed)
     g.add_argument(
         "--min-seconds",
-        type=flags.number(0, 1e6),
+        type=_ranged(RunOptions, "min_seconds"),
         default=d.min_seconds,
         help="keep timing until this many seconds have passed as well (default 0)",
     )
@@ -615,15 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", type=_list(_bounded("batch")))
     sp.add_argument("--seq", type=_list(_bounded("seq", flags.BINARY)))
     sp.add_argument("--rank", type=_list(_bounded("rank")))
-    sp.add_argument("--optimizer", type=_list(str))
+    sp.add_argument("--optimizer", type=_list(str.lower))
     sp.add_argument("--gradient-checkpointing", type=_list(bool), help="on,off")
     sp.add_argument("--double-quant", type=_list(bool), help="on,off")
-    sp.add_argument("--attn", type=_list(str))
+    sp.add_argument("--attn", type=_list(str.lower))
     sp.add_argument("--name", default="cli-sweep", help="sweep name (output file name)")
     _add_run_options(sp)
     sp.add_argument(
         "--timeout",
-        type=flags.number(0, 7 * 86400, lo_open=True),
+        type=_timeout,
         default=None,
         help="seconds per configuration (default: the sweep file's timeout_s, else 1800)",
     )
@@ -663,13 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("baseline", help="baseline .json (results/baselines/<gpu>.json) or results to compare with")
     sp.add_argument(
         "--memory-tolerance",
-        type=flags.number(0, 1, hi_open=True),
+        type=_ranged(Tolerances, "memory"),
         default=0.02,
         help="allowed growth of a peak, a fraction in [0, 1) (default 0.02)",
     )
     sp.add_argument(
         "--throughput-tolerance",
-        type=flags.number(0, 1, hi_open=True),
+        type=_ranged(Tolerances, "throughput"),
         default=0.05,
         help="allowed drop of tokens/s beyond the measured spread (default 0.05)",
     )
@@ -703,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--adapters", type=flags.count(1, 4096), default=1, help="adapters loaded at once (default 1)")
     sp.add_argument("--rank", type=_bounded("rank"), default=16)
-    sp.add_argument("--alpha", type=flags.number(0, 1e6, lo_open=True), default=32)
+    sp.add_argument("--alpha", type=_alpha, default=32)
     sp.add_argument("--targets", default="all-linear")
     _add_calibration_arg(sp)
     sp.add_argument("--json", action="store_true")
@@ -735,17 +753,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--model", required=True, help=MODEL_HELP)
     sp.add_argument(
-        "--modes", type=_list(str), help="comma list (default all: base16,adapters4,merged16,merged4,switch)"
+        "--modes", type=_list(str.lower), help="comma list (default all: base16,adapters4,merged16,merged4,switch)"
     )
-    sp.add_argument("--batch", type=_positive_int, default=8, help="the larger decode batch (1 is always measured)")
-    sp.add_argument("--prompt", type=_positive_int, default=512, help="prompt tokens (prefill)")
-    sp.add_argument("--new-tokens", type=_positive_int, default=32, help="generated tokens per sequence")
-    sp.add_argument("--adapters", type=_positive_int, default=4, help="adapters for the switch mode")
-    sp.add_argument("--repeats", type=_positive_int, default=3, help="timings per measurement (median)")
-    sp.add_argument("--rank", type=_positive_int, default=16)
-    sp.add_argument("--alpha", type=float, default=32)
+    sp.add_argument("--batch", type=_bounded("batch"), default=8, help="the larger decode batch (1 is always measured)")
+    sp.add_argument("--prompt", type=_bounded("seq", flags.BINARY), default=512, help="prompt tokens (prefill)")
+    sp.add_argument(
+        "--new-tokens", type=_bounded("seq", flags.BINARY), default=32, help="generated tokens per sequence"
+    )
+    sp.add_argument("--adapters", type=flags.count(1, 4096), default=4, help="adapters for the switch mode")
+    sp.add_argument("--repeats", type=flags.count(1, 1000), default=3, help="timings per measurement (median)")
+    sp.add_argument("--rank", type=_bounded("rank"), default=16)
+    sp.add_argument("--alpha", type=_alpha, default=32)
     sp.add_argument("--targets", default="all-linear")
-    sp.add_argument("--timeout", type=float, default=1800.0, help="seconds per mode")
+    sp.add_argument("--timeout", type=_timeout, default=1800.0, help="seconds per mode")
     sp.add_argument("--out", help="results .jsonl (default results/<gpu>/infer.jsonl)")
     sp.add_argument("--yes", action="store_true", help=YES_HELP)
     sp.set_defaults(func=cmd_infer_bench)
@@ -789,7 +809,11 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, whatever a message quoted
         print(f"qlora-bench: error: {message}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # e.g. piped into head
+    except BrokenPipeError:  # piped into head: the reader stopped reading
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush stays quiet
+        except (OSError, ValueError):
+            pass
         return 0
     except KeyboardInterrupt:
         print("qlora-bench: interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 import stat
 import sys
 from pathlib import Path
@@ -43,12 +44,27 @@ def closest(name: str, candidates: list[str], n: int = 3) -> list[str]:
     return found
 
 
+def _bounded_repr() -> reprlib.Repr:
+    """repr that stops early: a YAML alias bomb (a 500-byte file whose lists reference each other 10 levels deep)
+    expands to billions of items under the built-in repr."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
+    r.maxlong = 40
+    return r
+
+
+_REPR = _bounded_repr()
+
+
 def shown(value: object, limit: int = 60) -> str:
-    """A value as an error message shows it: repr, shortened (a 5,000-digit number must not flood the line)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
-        return f"a {len(str(abs(value)))}-digit integer"
-    text = "null" if value is None else repr(value)
-    text = text.replace("\n", "\\n")
+    """A value as an error message shows it, in JSON's words where they differ (true, null), shortened: a
+    5,000-digit number or a huge structure must not flood the line (nor take minutes to print)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int) and abs(value) >= 10**limit:
+        digits = int(abs(value).bit_length() * 0.30103) + 1  # log10(2): str() refuses beyond 4,300 digits
+        return f"a {digits:,}-digit integer"
+    text = _REPR.repr(value).replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -22,7 +22,7 @@ _NUMBER = re.compile(r"(\d+(?:\.\d{1,6})?)\s*([a-z]?)")
 _MAX_DIGITS = 18  # beyond any bound a flag has; longer numbers are refused before int() meets its digit limit
 
 
-def _scaled(text: str, units: dict[str, int]) -> int | None:
+def scaled(text: str, units: dict[str, int]) -> int | None:
     """'8k' -> 8 * units['k'], '2048' -> 2048; None when the text is not such a number (or not whole)."""
     m = _NUMBER.fullmatch(text.strip().lower().replace("_", "").replace(",", ""))
     if not m or m.group(2) not in units:
@@ -42,7 +42,7 @@ def count(lo: int = 1, hi: int | None = None, units: dict[str, int] | None = Non
     examples = {id(BINARY): " (e.g. 2048 or 8k)", id(DECIMAL): " (e.g. 100000000 or 100M)"}.get(id(units), "")
 
     def parse(text: str) -> int:
-        v = _scaled(text, units)
+        v = scaled(text, units)
         if v is None:
             raise argparse.ArgumentTypeError(f"expected {what}{examples}, got {shown(text)}")
         if v < lo or (hi is not None and v > hi):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import InputError
+from .errors import InputError, shown
 from .estimate import Estimate, estimate
 from .estimate.overhead import overheads
 from .profiles import GpuSpec, ModelSpec, gpu_names, resolve_gpu
@@ -29,6 +29,11 @@ class Suggestion:
     peak_device_bytes: int
     fits: bool
     decides_verdict: bool = False
+    tight: bool = False  # fits, but the top of the estimate's band does not
+
+    @property
+    def verdict(self) -> str:
+        return "does not fit" if not self.fits else ("tight" if self.tight else "fits")
 
 
 @dataclass
@@ -76,6 +81,7 @@ class Plan:
                     "flags": s.flags,
                     "peak_device_bytes": s.peak_device_bytes,
                     "fits": s.fits,
+                    "verdict": s.verdict,
                     "decides_verdict": s.decides_verdict,
                 }
                 for s in self.suggestions
@@ -91,6 +97,11 @@ def usable_bytes(gpu: GpuSpec) -> int:
 def required_bytes(e: Estimate) -> int:
     """What must be free on the GPU: resident device peak plus the method's calibrated safety margin."""
     return round(e.resident_device_bytes * (1 + e.overheads.margin(e.settings.method)))
+
+
+def _tight(e: Estimate, usable: int) -> bool:
+    """The top of the estimate's band (without the paged states) does not fit."""
+    return e.device_high_bytes - e.paged_bytes > usable
 
 
 def fits_with_margin(e: Estimate, usable: int) -> bool:
@@ -220,6 +231,7 @@ def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, curren
                 e.peak_device_bytes,
                 ok,
                 decides_verdict=flags == "--no-upcast-non-quantized" and ok != _fits(current, usable),
+                tight=ok and _tight(e, usable),
             )
         )
     if not any(x.fits for x in out):
@@ -254,17 +266,22 @@ def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, curren
 
 
 # Cards whose memory is within this fraction of the smallest one that fits count as one size class ("80 GB":
-# A100-80GB reports 81,920 MiB, H100 81,559 MiB): among them the plan names the oldest, which rents for less and
-# is more widely available, instead of whichever reports a few hundred MiB less.
+# A100-80GB reports 81,920 MiB, H100 81,559 MiB). The question is memory, so among them the plan names the older
+# generation first (a newer card of the same memory is faster but rents for more and is scarcer) and lists the
+# others, instead of whichever reports a few hundred MiB less.
 SIZE_CLASS = 0.10
 
 
 def bigger_gpu(e: Estimate, gpu: GpuSpec) -> tuple[str, str] | None:
-    """(profile, sentence) for the GPU profile with more memory on which `e` fits, or None."""
+    """(profile, sentence) for the GPU profile with more memory on which `e` fits and that runs its compute dtype
+    (a T4 has no bf16), or None."""
+    bf16 = e.settings.compute_dtype == "bf16"
     fitting = [
-        resolve_gpu(n)
-        for n in gpu_names()
-        if resolve_gpu(n).memory_total_bytes > gpu.memory_total_bytes and _fits(e, usable_bytes(resolve_gpu(n)))
+        g
+        for g in map(resolve_gpu, gpu_names())
+        if g.memory_total_bytes > gpu.memory_total_bytes
+        and (g.bf16_supported or not bf16)
+        and _fits(e, usable_bytes(g))
     ]
     if not fitting:
         return None
@@ -294,8 +311,7 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
     e = estimate(model, s)
     usable = usable_bytes(gpu)
     ok = _fits(e, usable)
-    high_resident = e.device_high_bytes - e.paged_bytes
-    verdict = "does not fit" if not ok else ("fits" if high_resident <= usable else "tight")
+    verdict = "does not fit" if not ok else ("tight" if _tight(e, usable) else "fits")
     margin = e.overheads.margin(s.method)
     notes = []
     if gpu.count > 1:
@@ -325,7 +341,7 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
     if model.defaulted:
         notes.append(
             f"{model.name}: config.json does not set "
-            + ", ".join(f"{k} (so {v})" for k, v in model.defaulted)
+            + ", ".join(f"{k} (so {shown(v)})" for k, v in model.defaulted)
             + f": transformers' {model.model_type} defaults, as AutoConfig would use them"
         )
     p = Plan(
@@ -369,7 +385,14 @@ def infer_plan(model, s: Settings, gpu, inf) -> dict:
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         modes.append({**e.to_dict(), "fits": e.peak_device_bytes <= usable, "max_batch": lo})
     m = merge_peak(model, s, usable)
+    notes = []
+    if model.max_position_embeddings and inf.context > model.max_position_embeddings:
+        notes.append(
+            f"context {inf.context:,} is longer than the model's (max_position_embeddings "
+            f"{model.max_position_embeddings:,}): it would need RoPE scaling, and quality beyond it is not assured"
+        )
     return {
+        "notes": notes,
         "model": model.name,
         "gpu": gpu.label,
         "gpu_memory_bytes": gpu.memory_total_bytes,

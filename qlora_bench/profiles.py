@@ -199,13 +199,17 @@ SUPPORTED_MODEL_TYPES = tuple(CONFIG_DEFAULTS)
 # null in these means "derive it" (transformers: `int | None` fields); elsewhere null is refused, as the strict
 # configs of transformers 5.x refuse it (`max_position_embeddings: null` is a TypeError there)
 _NULL_MEANS_DERIVED = ("num_key_value_heads", "head_dim")
-# fields that size the model: when a config.json leaves one out, plan says that transformers' default was used
-SIZE_FIELDS = (
+# fields that change memory: when a config.json leaves one out and transformers fills in a value of its own (not
+# one derived from the others, like head_dim = hidden_size // heads), plan says so
+MEMORY_FIELDS = (
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
     "vocab_size",
+    "tie_word_embeddings",
     "num_local_experts",
     "num_experts_per_tok",
 )
@@ -293,7 +297,7 @@ def model_from_config(cfg: dict, name: str, where: str, **meta) -> ModelSpec:
         experts_per_token=f.num_experts_per_tok if experts > 1 else 1,
         final_logit_softcapping=f.final_logit_softcapping if mt == "gemma2" else None,
         attn_logit_softcapping=f.attn_logit_softcapping if mt == "gemma2" else None,
-        defaulted=tuple((k, defaults[k]) for k in SIZE_FIELDS if k in defaults and k not in cfg),
+        defaulted=tuple((k, defaults[k]) for k in MEMORY_FIELDS if defaults.get(k) is not None and cfg.get(k) is None),
         config=cfg,
         **meta,
     )
@@ -343,6 +347,11 @@ def _model_index() -> dict[str, str]:
 
 def model_names() -> list[str]:
     return list(_model_profiles())
+
+
+def profile_name(arg: str) -> str | None:
+    """The profile a name, alias or hub id stands for ('8b' -> 'llama-3.1-8b'), or None."""
+    return _model_index().get(arg.strip().lower())
 
 
 def model_profile(name: str) -> ModelProfile:

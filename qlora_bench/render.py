@@ -3,6 +3,9 @@ wrap, text columns fold at word boundaries, and record ids, which are long paths
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -11,7 +14,17 @@ from .estimate import LABELS
 from .plan import Plan
 from .units import GiB
 
-console = Console()
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """`qlora-bench plan ... | head`: rich exits 1 here; the reader just stopped reading, which is not a
+        failure. Point stdout at /dev/null (so the interpreter's final flush stays quiet) and let main() return 0."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise BrokenPipeError
+
+
+console = _Console()
 
 _STYLE = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
 
@@ -108,7 +121,9 @@ def _suggestions(p: Plan) -> None:
             t.add_row(
                 x.flags,
                 _g(x.peak_device_bytes),
-                x.change + (" [bold](decides the verdict)[/bold]" if x.decides_verdict else ""),
+                x.change
+                + (" [bold](decides the verdict)[/bold]" if x.decides_verdict else "")
+                + (" [yellow](tight: the top of the band does not fit)[/yellow]" if x.tight else ""),
             )
         console.print(t)
     if close:
@@ -186,24 +201,21 @@ def _g_or_dash(n) -> str:
 def profiles() -> None:
     from .profiles import gpu_names, gpu_profile, load_model_profile, model_names, model_profile, resolve_gpu
 
-    wide = console.width >= 120
-    cols = ["name", "aliases", "params", "layers", "hidden", "vocab"] + (["hub id"] if wide else [])
+    # the aliases are what people type: they get the room; sizes from 100 columns, hub ids from 120
+    sizes, wide = console.width >= 100, console.width >= 120
+    cols = (
+        ["name", "aliases", "params"] + (["layers", "hidden", "vocab"] if sizes else []) + (["hub id"] if wide else [])
+    )
     t = table("models", *cols, numeric=("params", "layers", "hidden", "vocab"))
     for name in model_names():
         m, p = load_model_profile(name), model_profile(name)
-        row = [
-            name,
-            ", ".join(p.aliases),
-            _count(m.total_params),
-            str(m.num_layers),
-            f"{m.hidden_size:,}",
-            f"{m.vocab_size:,}",
-        ]
+        row = [name, ", ".join(p.aliases), _count(m.total_params)]
+        row += [str(m.num_layers), f"{m.hidden_size:,}", f"{m.vocab_size:,}"] if sizes else []
         t.add_row(*row, *([p.hf_id or ""] if wide else []))
     t.columns[0].no_wrap = True
     console.print(t)
     if not wide:
-        note("hub ids: qlora-bench profiles --json (or a wider terminal)")
+        note("layers, hidden size, vocabulary and hub ids: qlora-bench profiles --json, or a wider terminal")
     g = table(
         "GPUs (or a size: 24gb, 48GiB; a count: 2x24gb)",
         "name",
@@ -359,6 +371,7 @@ def _pct(x) -> str:
 
 def validation(rows, summaries) -> None:
     labels = short_labels([x.record.id for x in rows])
+    memory = [(label, x) for label, x in zip(labels, rows, strict=True) if x.has_memory]
     wide = console.width >= 100  # the static / optimizer-state columns only where they do not squeeze the labels
     cols = ["record", "set", "alloc", "err", "device", "err "] + (["static", "optim"] if wide else []) + ["fits?"]
     mem = table(
@@ -366,7 +379,7 @@ def validation(rows, summaries) -> None:
         *cols,
         numeric=("alloc", "err", "device", "err ", "static", "optim"),
     )
-    for label, x in zip(labels, rows, strict=True):
+    for label, x in memory:
         m = x.measured
         fit = (
             "-" if x.fits_predicted is None else ("FALSE FIT" if x.false_fit else ("yes" if x.fits_predicted else "no"))
@@ -415,8 +428,8 @@ def validation(rows, summaries) -> None:
         )
     if tput.row_count:
         console.print(tput)
-    cols = ("set", "n", "device", "allocated", "tokens/s", "false fits")
-    s = table("summary: median / worst absolute error", *cols, numeric=cols[1:])
+    cols = ("set", "n", "device", "allocated", "n ", "tokens/s", "false fits")
+    s = table("summary: median / worst absolute error (n: records with memory, with tokens/s)", *cols, numeric=cols[1:])
     for name, sm in summaries.items():
         if not sm.n:
             continue
@@ -427,9 +440,10 @@ def validation(rows, summaries) -> None:
 
         s.add_row(
             name,
-            str(sm.n),
+            str(sm.n_memory),
             f("peak_device_bytes"),
             f("peak_allocated_bytes"),
+            str(sm.n_throughput),
             f("tokens_per_sec"),
             str(sm.false_fits),
         )
@@ -460,12 +474,10 @@ def comparison(cmp) -> None:
     by_config: dict[str, dict] = {}
     for c in cmp.changes:
         by_config.setdefault(c.config, {})[c.metric] = c
-    t = Table(title=f"changes against the baseline ({cmp.gpu})", title_justify="left")
-    t.add_column("configuration", overflow="fold")
-    for name in short.values():
-        t.add_column(name, justify="right")
-    t.add_column("status")
-    for config, metrics in by_config.items():
+    t = table(
+        f"changes against the baseline ({cmp.gpu})", "record", *short.values(), "status", numeric=tuple(short.values())
+    )
+    for label, metrics in zip(short_labels(list(by_config)), by_config.values(), strict=True):
         cells = []
         for key in short:
             c = metrics.get(key)
@@ -476,8 +488,9 @@ def comparison(cmp) -> None:
                 cells.append(f"[{st}]{c.change:+.1%}[/{st}]")
         worst = max(metrics.values(), key=lambda c: rank.index(c.status)).status
         st = style.get(worst) or "dim"
-        t.add_row(config, *cells, f"[{st}]{worst}[/{st}]")
+        t.add_row(label, *cells, f"[{st}]{worst}[/{st}]")
     console.print(t)
+    _legend()
     tol = {c.metric: c.tolerance for c in cmp.changes if c.tolerance is not None}
     if tol:
         console.print(
@@ -544,7 +557,7 @@ def inference(d: dict) -> None:
         f"merge (16-bit base + adapter, merge_and_unload): peak {_g(mg['peak_bytes'])} GiB -> "
         f"{mg['path']}; merged checkpoint {mg['merged_file_bytes'] / 1e9:,.1f} GB"
     )
-    for n in d["modes"][0]["notes"]:
+    for n in d["notes"] + d["modes"][0]["notes"]:
         console.print(f"[dim]note:[/dim] {n}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -45,10 +46,13 @@ RESULTS_DIR = committed_results_dir()
 
 
 def default_results_dir() -> Path:
-    """Where commands read results when given no path: ./results in the working directory when there is one (the
-    user's own measurements), else the measurements that come with qlora-bench."""
+    """Where commands read results when given no path: ./results in the working directory when it holds result
+    files (the user's own measurements; `baseline update` alone makes a ./results/baselines that holds none),
+    else the measurements that come with qlora-bench."""
     here = Path("results")
-    return here if here.is_dir() else RESULTS_DIR
+    if file_kind(here) == "a folder" and any(here.rglob("*.jsonl")):
+        return here
+    return RESULTS_DIR
 
 
 # ---- the record schema (one per record kind) ---------------------------------------------------------------
@@ -94,7 +98,7 @@ class TrainMeasured:
     step_seconds_median: float | None = rule(None, gt=0, le=1e7)
     warmup_steps: int | None = rule(None, ge=0, le=10**7)
     timed_steps: int | None = rule(None, ge=0, le=10**7)
-    losses: list[float] | None = None
+    losses: list[float | None] | None = None  # null: a diverged step (NaN / inf loss)
     mem_after_cuda_init: MemorySnapshot | None = None
     mem_after_model_build: MemorySnapshot | None = None
     mem_after_prepare_kbit: MemorySnapshot | None = None
@@ -232,16 +236,26 @@ class Record:
         return Settings.from_dict(self.data["settings"], f"{self.path}:{self.line}: settings")
 
     def model_spec(self):
-        """The model: its profile / config path when it resolves, else the config.json fields in the record."""
+        """The model as it was measured: the config.json fields the record carries (`architecture`), else its
+        name resolved as `--model` would resolve it. Errors name the record."""
         from .profiles import model_from_config, resolve_model
 
         arch = self.data.get("architecture")
         if arch:
-            try:
-                return model_from_config(arch, self.model, f"{self.path}:{self.line}: architecture")
-            except InputError:
-                pass
-        return resolve_model(self.model)
+            return model_from_config(arch, self.model, f"{self.path}:{self.line}: architecture")
+        with self.context():
+            return resolve_model(self.model)
+
+    @contextmanager
+    def context(self):
+        """Bad input found while using this record (a model that does not resolve, LoRA targets the model lacks)
+        names the record's file and line."""
+        try:
+            yield
+        except InputError as e:
+            if str(e).startswith(f"{self.path}:"):
+                raise
+            raise InputError(f"{self.path}:{self.line}: {e}") from None
 
     @property
     def ok(self) -> bool:
@@ -397,7 +411,9 @@ def _end_last_line(path: Path) -> None:
 
 
 def append_record(path: Path, data: dict) -> None:
-    """Append one record durably: a killed process loses at most the record being written."""
+    """Append one record durably: a killed process loses at most the record being written. The record is checked
+    against the schema first: what the runner writes, its own reader must accept."""
+    check_record(data, f"record {data.get('id')!r} for {path}")
     path = check_output_file(path, "results file")
     line = json.dumps(data, sort_keys=True, allow_nan=False) + "\n"
     try:

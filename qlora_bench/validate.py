@@ -31,6 +31,11 @@ class Row:
     false_fit: bool
     throughput: dict = field(default_factory=dict)  # measured / predicted tokens/s, MFU, HFU, step seconds
 
+    @property
+    def has_memory(self) -> bool:
+        """A device peak was measured (the shared throughput-only records withhold theirs), or the run hit OOM."""
+        return bool(self.measured.get("peak_device_bytes")) or self.record.data.get("outcome") == "oom"
+
     def error(self, key: str) -> float | None:
         m, p = self.measured.get(key), self.predicted.get(key)
         return None if not m or p is None else p / m - 1
@@ -53,6 +58,8 @@ class Row:
 @dataclass
 class Summary:
     n: int
+    n_memory: int = 0  # records with a measured device peak (or an OOM)
+    n_throughput: int = 0  # records with a measured and a predicted tokens/s
     median_abs_error: dict = field(default_factory=dict)
     worst_abs_error: dict = field(default_factory=dict)
     false_fits: int = 0
@@ -60,6 +67,8 @@ class Summary:
     def to_dict(self) -> dict:
         return {
             "n": self.n,
+            "n_memory": self.n_memory,
+            "n_throughput": self.n_throughput,
             "median_abs_error": self.median_abs_error,
             "worst_abs_error": self.worst_abs_error,
             "false_fits": self.false_fits,
@@ -138,20 +147,28 @@ def throughput_row(r: Record, e: Estimate) -> dict:
 
 
 def validate(records: list[Record]) -> tuple[list[Row], dict[str, Summary]]:
-    """Rows for successful GPU records and OOMs; summaries for all, fitted-on and held-out records."""
+    """Rows for successful GPU records (memory and throughput, or throughput alone where a record withholds its
+    memory) and OOMs; summaries for all, fitted-on and held-out records."""
     fitted_on = set(overheads().fitted_on)
     rows = []
     for r in records:
-        gpu_measured = r.ok and r.measured.get("peak_device_bytes")
+        on_gpu = bool((r.data.get("environment") or {}).get("gpu_name"))
+        gpu_measured = r.ok and (r.measured.get("peak_device_bytes") or (on_gpu and r.measured.get("tokens_per_sec")))
         if gpu_measured or r.data.get("outcome") == "oom":
-            rows.append(validate_record(r, held_out=r.id not in fitted_on))
+            with r.context():
+                rows.append(validate_record(r, held_out=r.id not in fitted_on))
     groups = {"all": rows, "fitted": [x for x in rows if not x.held_out], "held-out": [x for x in rows if x.held_out]}
     return rows, {name: summarize(g) for name, g in groups.items()}
 
 
 def summarize(rows: list[Row]) -> Summary:
-    s = Summary(n=len(rows), false_fits=sum(x.false_fit for x in rows))
     tput = [abs(x.throughput["error"]) for x in rows if x.throughput.get("error") is not None]
+    s = Summary(
+        n=len(rows),
+        n_memory=sum(x.has_memory for x in rows),
+        n_throughput=len(tput),
+        false_fits=sum(x.false_fit for x in rows),
+    )
     long = [
         abs(x.throughput["error"])
         for x in rows

@@ -190,7 +190,7 @@ def test_bad_flags_are_one_line(capsys, args, needles):
     ('{"model_type": "llama", "hidden_size": -1, "intermediate_size": 1, "num_hidden_layers": 1, '
      '"num_attention_heads": 1, "vocab_size": 1}', ["'hidden_size' is -1", "an integer in [1,"]),
     ('{"model_type": "llama", "num_key_value_heads": 0}', ["num_key_value_heads", "in [1,"]),
-    ('{"model_type": "llama", "num_key_value_heads": true}', ["num_key_value_heads", "True"]),
+    ('{"model_type": "llama", "num_key_value_heads": true}', ["num_key_value_heads", "is true"]),
     ('{"model_type": "llama", "head_dim": 0}', ["head_dim"]),
     ('{"model_type": "llama", "head_dim": "128"}', ["head_dim", "'128'"]),
     ('{"model_type": "llama", "head_dim": NaN}', ["NaN is not a JSON number"]),

@@ -17,6 +17,7 @@ COMMANDS = {
     "results": ["results", str(RESULTS_DIR)],
     "profiles": ["profiles"],
     "infer": ["infer", "--model", "8b", "--gpu", "24gb"],
+    "compare": ["compare", str(RESULTS_DIR / "h100"), str(RESULTS_DIR / "h100")],
 }
 # words that must appear whole on some line: a flag, a profile name, a number
 WHOLE = {
@@ -26,6 +27,7 @@ WHOLE = {
     "results": ["llama-3.2-1b", "from_pretrained", "43,751"],
     "profiles": ["llama-3.1-70b", "mixtral-8x7b", "h100-sxm", "rtx-a6000", "140.40"],
     "infer": ["merged16", "adapters4", "16.67", "KV cache"],
+    "compare": ["llama-3.1-8b full bs1x2048", "no regression"],
 }
 
 

@@ -52,11 +52,11 @@ def test_valid_object_loads_with_nested_dataclasses():
 @pytest.mark.parametrize("data,message", [
     ({"version": 1}, "f.json: missing field 'kind' (one of a, b)"),
     ({"kind": "c", "version": 1}, "f.json: field 'kind' is 'c'; expected one of a, b"),
-    ({"kind": "a", "version": True}, "f.json: field 'version' is True; expected 1"),
+    ({"kind": "a", "version": True}, "f.json: field 'version' is true; expected 1"),
     ({"kind": "a", "version": 99}, "f.json: field 'version' is 99; expected 1"),
     ({"kind": "a", "version": 1, "size": "4"}, "f.json: field 'size' is '4'; expected an integer in [1, 10] (a size)"),
     ({"kind": "a", "version": 1, "size": 4.0}, "f.json: field 'size' is 4.0; expected an integer in [1, 10] (a size)"),
-    ({"kind": "a", "version": 1, "size": True}, "f.json: field 'size' is True; expected an integer in [1, 10]"),
+    ({"kind": "a", "version": 1, "size": True}, "f.json: field 'size' is true; expected an integer in [1, 10]"),
     ({"kind": "a", "version": 1, "size": 10**400}, "field 'size' is a 401-digit integer"),
     ({"kind": "a", "version": 1, "rate": float("nan")}, "field 'rate' is nan; expected a number > 0 or null"),
     ({"kind": "a", "version": 1, "rate": 0}, "field 'rate' is 0; expected a number > 0 or null"),

@@ -30,7 +30,7 @@ class AdapterTensor:
 
 def target_modules(model: ModelSpec, s: Settings) -> list[LinearModule]:
     linear = [m for m in model.layer_modules() if m.is_linear]
-    t = s.targets.strip().lower()
+    t = s.targets  # canonical: presets lower-cased, module names as written (peft matches them case-sensitively)
     if t == "all-linear":
         return model.layer_modules()  # peft adapts MoE routers and experts too
     if t == "attn":

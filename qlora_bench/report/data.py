@@ -57,7 +57,8 @@ def summary_table(summaries) -> list[dict]:
         out.append(
             {
                 "records": name,
-                "n": str(s.n),
+                "n": str(s.n_memory),
+                "n tokens/s": str(s.n_throughput),
                 "device median": f"{med.get('peak_device_bytes', 0):.1%}",
                 "device worst": f"{worst.get('peak_device_bytes', 0):.1%}",
                 "allocated median": f"{med.get('peak_allocated_bytes', 0):.1%}",
@@ -224,13 +225,15 @@ def infer_measured_table(infer_records: list[Record]) -> list[dict]:
 def collect(records: list[Record]) -> dict:
     rows, summaries = validate(records)
     ok_rows = [x for x in rows if x.record.ok]
+    memory_rows = [x for x in ok_rows if x.has_memory]  # throughput-only records withhold their memory
     return {
         "rows": ok_rows,
-        "errors": error_table(ok_rows),
+        "memory_rows": memory_rows,
+        "errors": error_table(memory_rows),
         "summary": summary_table(summaries),
         "feasibility": feasibility_table(),
         "environment": environment_table([x.record for x in ok_rows]),
         "calibration": calibration_table(),
-        "breakdown": breakdown_series(ok_rows),
+        "breakdown": breakdown_series(memory_rows),
         "inference": inference_table(),
     }

@@ -153,7 +153,7 @@ def throughput(rows) -> bytes:
     one panel per model, since a 1B and an 8B model differ several-fold on both axes and would hide each other."""
     plt = _fig()
     sel = sorted((x for x in rows if x.throughput.get("tokens_per_sec")), key=lambda x: x.record.id)
-    models = sorted({x.record.model for x in sel})
+    models = sorted({x.record.model for x in sel if x.has_memory})  # the trade-off needs the memory
     fig = plt.figure(figsize=(18, max(0.5 * len(sel) + 2.5, 4.5 * len(models))))
     grid = fig.add_gridspec(len(models), 2, width_ratios=[1.3, 1], wspace=0.2, hspace=0.4)
     a = fig.add_subplot(grid[:, 0])
@@ -178,7 +178,7 @@ def throughput(rows) -> bytes:
             pts = [
                 (x.measured["peak_device_bytes"] / GiB, x.throughput["tokens_per_sec"])
                 for x in sel
-                if x.record.model == model and x.record.settings.method == method
+                if x.record.model == model and x.record.settings.method == method and x.has_memory
             ]
             if pts:
                 b.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, s=70, label=method)

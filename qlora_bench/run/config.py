@@ -17,13 +17,10 @@ def model_label(model: str) -> str:
     """The model part of a readable id: the profile's name for a profile, alias or known hub id ('8b' ->
     'llama-3.1-8b'), the folder's name for .../config.json (the file's stem for another .json), else the last
     path part (a model folder, or the name of a hub id)."""
-    from ..profiles import model_names, model_profile
+    from ..profiles import profile_name
 
-    key = model.strip().lower()
-    for name in model_names():
-        p = model_profile(name)
-        if key in {name, *(a.lower() for a in p.aliases), (p.hf_id or "").lower()}:
-            return name
+    if profile_name(model):
+        return profile_name(model)
     path = Path(model.strip().rstrip("/"))
     if path.suffix.lower() == ".json":
         label = path.absolute().parent.name if path.name.lower() == "config.json" else path.stem

@@ -137,7 +137,7 @@ def build_model(spec: ModelSpec, s: Settings, device, progress=None):
 
 def peft_targets(spec: ModelSpec, s: Settings):
     """peft's target_modules for our `targets` setting (all-linear is peft's own shorthand)."""
-    if s.targets.strip().lower() == "all-linear":
+    if s.targets == "all-linear":  # Settings keeps presets canonical (lower case)
         return "all-linear"
     return sorted({m.name.split(".")[-1] for m in target_modules(spec, s)})
 

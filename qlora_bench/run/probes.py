@@ -56,7 +56,16 @@ def finish_peaks(m: dict, nvml: NvmlSampler | None, baseline: int | None) -> Non
     m["peak_allocated_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
     m["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else None
     peak = m.get("nvml_peak_used_bytes")
-    m["peak_device_bytes"] = peak - baseline if (peak and baseline is not None) else None
+    device = peak - baseline if (peak and baseline is not None) else None
+    if device is not None and device < (m["peak_reserved_bytes"] or 0):
+        # NVML's device-wide `used` moved for reasons other than this process (another process freed memory, the
+        # previous worker's memory was released late): the difference is not this process's footprint
+        m["peak_device_note"] = (
+            f"NVML peak {peak:,} - idle baseline {baseline:,} is below torch's reserved peak: another process "
+            "changed the device's memory during the run; no device peak recorded"
+        )
+        device = None
+    m["peak_device_bytes"] = device
     m["cpu_max_rss_bytes"] = max_rss_bytes()
 
 

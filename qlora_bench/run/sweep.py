@@ -24,8 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import InputError, read_text, shown
-from ..results import SCHEMA_VERSION, append_record, read_jsonl
+from .. import flags
+from ..errors import InputError, file_kind, read_text, shown
+from ..results import SCHEMA_VERSION, append_record, load_records
 from ..schema import load, rule
 from ..settings import DEFAULT_OPTIMIZER, Settings
 from .config import RunConfig
@@ -67,6 +68,11 @@ class SweepFile:
     timeout_s: float = rule(1800, gt=0, le=7 * 86400, hint="seconds per configuration")
 
 
+# grid values as the command line takes them: names case-insensitive, token counts with a suffix (seq: 8k)
+_NAMES = ("method", "quant", "compute_dtype", "optimizer", "attn")
+_COUNTS = {"batch": flags.DECIMAL, "seq": flags.BINARY, "grad_accum": flags.DECIMAL, "rank": flags.DECIMAL}
+
+
 def _values(key: str, value, where: str) -> list:
     """A grid value: one scalar or a non-empty list of them."""
     values = value if isinstance(value, list) else [value]
@@ -76,6 +82,10 @@ def _values(key: str, value, where: str) -> list:
         )
     if key == "model" and not all(isinstance(v, str) and v.strip() for v in values):
         raise InputError(f"{where}: field 'model' is {shown(value)}; expected a model name or a list of names")
+    if key in _NAMES:
+        values = [v.lower() if isinstance(v, str) else v for v in values]
+    if key in _COUNTS:  # '8k' -> 8192; anything else is left for the Settings schema to judge
+        values = [flags.scaled(v, _COUNTS[key]) or v if isinstance(v, str) else v for v in values]
     return values
 
 
@@ -104,8 +114,11 @@ def expand(entry: dict, defaults: dict, options: RunOptions, where: str) -> list
 
 
 def from_mapping(data: object, where: str) -> Sweep:
-    if isinstance(data, dict) and "grid" in data and not isinstance(data["grid"], list):
-        data = {**data, "grid": [data["grid"]]}  # one grid entry without the list
+    if isinstance(data, dict):
+        # `defaults:` or `options:` with every line commented out is null in YAML: the same as leaving it out
+        data = {k: v for k, v in data.items() if not (k in ("defaults", "options") and v is None)}
+        if "grid" in data and not isinstance(data["grid"], list):
+            data["grid"] = [data["grid"]]  # one grid entry without the list
     f = load(SweepFile, data, where)
     configs = []
     for i, entry in enumerate(f.grid):
@@ -243,8 +256,9 @@ def run_sweep(
     for the CPU (qlora-bench sweep without --yes)."""
     configs = shard(sweep.configs, *shard_spec) if shard_spec else sweep.configs
     done = {}
-    if out.is_file():
-        for r in read_jsonl(out):
+    if file_kind(out) != "missing":  # resume: every record checked, so a broken file stops the sweep up front
+        for rec in load_records(out, kind=None):
+            r = rec.data
             if r.get("key") and r.get("outcome") in FINAL_OUTCOMES:
                 done[r["key"]] = r
     ooms: dict[str, list[tuple[int, int, str]]] = {}

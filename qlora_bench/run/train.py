@@ -9,6 +9,7 @@ median with its spread (small steps on an H100 were seen to vary by up to 30% be
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import statistics
@@ -17,6 +18,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from ..errors import read_text
 from ..profiles import ModelSpec
 from ..results import SCHEMA_VERSION
 from ..schema import rule
@@ -49,6 +51,12 @@ class RunOptions:
     trainer: Literal[TRAINERS] = "loop"  # loop: the plain Trainer-equivalent loop; sft: trl's SFTTrainer itself
     text: str | None = rule(None, max_len=4096)  # a text file to train on instead of random token ids
     tokenizer: str | None = rule(None, max_len=4096)  # a local tokenizer folder for `text`
+
+
+def finite_or_none(x: float) -> float | None:
+    """A diverged step's loss (NaN, inf: fp16 overflow) is recorded as null: JSON has no NaN, and the record
+    (memory, time) is still a measurement."""
+    return x if math.isfinite(x) else None
 
 
 def _param_bytes_by_dtype(model) -> dict:
@@ -149,7 +157,7 @@ def _train_loop(model, opt, x, s: Settings, opts: RunOptions, device, nvml, m: d
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_seconds.append(round(time.perf_counter() - t0, 6))
-        losses.append(round(float(loss_sum), 5))
+        losses.append(finite_or_none(round(float(loss_sum), 5)))
         step += 1
     return step_seconds, losses
 
@@ -172,14 +180,13 @@ def token_rows(spec: ModelSpec, s: Settings, opts: RunOptions, rows: int, g) -> 
 
     if not opts.text:
         return torch.randint(0, spec.vocab_size, (rows, s.seq), generator=g), None
-    from pathlib import Path
 
     from transformers import AutoTokenizer
 
     if not opts.tokenizer:
         raise ValueError("--text needs --tokenizer: a local tokenizer folder (no hub access is assumed)")
     tok = AutoTokenizer.from_pretrained(opts.tokenizer)
-    ids = tok(Path(opts.text).read_text(), add_special_tokens=False)["input_ids"]
+    ids = tok(read_text(opts.text, "text file"), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"{opts.text}: no tokens")
     if max(ids) >= spec.vocab_size:
@@ -260,7 +267,7 @@ def _train_sft(model, spec: ModelSpec, s: Settings, opts: RunOptions, g, nvml, m
         callbacks=[Timer()],
     )
     trainer.train()
-    losses = [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h]
+    losses = [finite_or_none(round(h["loss"], 5)) for h in trainer.state.log_history if "loss" in h]
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     return times, losses, opt
 
