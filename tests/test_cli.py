@@ -267,3 +267,48 @@ def test_infer_command(capsys):
     assert code == 0 and "CPU" in out and "KV cache" in out
     code, _, err = run(capsys, "infer", "--model", "8b", "--gpu", "24gb", "--context", "100", "--prompt", "200")
     _one_line_error(code, err, "--context")
+
+
+def test_piped_into_head_exits_0():
+    r = subprocess.run(f"{sys.executable} -m qlora_bench plan --model 70b --gpu 48gb | head -1; "
+                       "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert r.returncode == 0 and "llama-3.1-70b" in r.stdout and r.stderr == ""
+
+
+def test_results_folder_without_results_falls_back_to_the_shipped_ones(capsys, tmp_path, monkeypatch):
+    """`baseline update` creates ./results/baselines: that alone is not the user's results."""
+    (tmp_path / "results" / "baselines").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "validate")
+    assert code == 0 and "records:" in out and "false fits" in out
+
+
+def test_bigger_gpu_runs_the_plans_dtype(capsys):
+    code, out, _ = run(capsys, "plan", "--model", "8b", "--gpu", "12gb", "--seq", "1024", "--json")
+    flags = [s["flags"] for s in json.loads(out)["suggestions"]]
+    assert code == 0 and "--gpu t4" not in flags and any(f.startswith("--gpu ") for f in flags)
+
+
+def test_yaml_alias_bomb_is_refused_quickly(capsys, tmp_path):
+    """A 500-byte sweep file whose lists reference each other 9 levels deep: the message must not expand it."""
+    import time
+
+    lines = ["a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    lines.append("grid: [{model: 8b, seq: *a8}]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    code, _, err = run(capsys, "sweep", str(tmp_path / "bomb.yaml"), "--dry-run")
+    assert time.perf_counter() - t0 < 5
+    _one_line_error(code, err, "bomb.yaml")
+
+
+def test_record_errors_name_the_record(capsys, tmp_path):
+    from qlora_bench.results import RESULTS_DIR
+
+    lines = (RESULTS_DIR / "h100" / "hf-stack-shared.jsonl").read_text().splitlines()
+    d = json.loads(lines[2])
+    d["settings"]["targets"] = "foo_proj"
+    (tmp_path / "r.jsonl").write_text("\n".join([*lines[:2], json.dumps(d)]) + "\n")
+    code, _, err = run(capsys, "validate", str(tmp_path / "r.jsonl"))
+    _one_line_error(code, err, "r.jsonl:3:", "foo_proj")

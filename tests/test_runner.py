@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qlora_bench.profiles import resolve_model
-from qlora_bench.results import load_records, read_jsonl
+from qlora_bench.results import RESULTS_DIR, append_record, load_records, read_jsonl
 from qlora_bench.settings import Settings
 
 torch = pytest.importorskip("torch")
@@ -450,3 +450,33 @@ def test_record_ids_name_the_model_not_its_file(tmp_path):
     assert RunConfig("8b", s).name.startswith("llama-3.1-8b/qlora/")  # an alias: the profile's name
     assert RunConfig("llama-3.1-8b", s).name.startswith("llama-3.1-8b/qlora/")
     assert RunConfig(TINY, s).key != RunConfig(f"{TINY}/config.json", s).key  # the model as given stays in the key
+
+
+def test_a_diverged_loss_is_recorded_as_null(tmp_path):
+    """JSON has no NaN: a NaN loss (fp16 overflow) becomes null and the record is still written and read."""
+    from qlora_bench.run.train import finite_or_none
+
+    assert finite_or_none(float("nan")) is None and finite_or_none(1.5) == 1.5
+    rec = json.loads((RESULTS_DIR / "h100" / "hf-stack-shared.jsonl").read_text().splitlines()[0])
+    rec["measured"]["losses"] = [2.0, finite_or_none(float("inf"))]
+    append_record(tmp_path / "r.jsonl", rec)
+    assert load_records(tmp_path / "r.jsonl")[0].measured["losses"] == [2.0, None]
+
+
+def test_the_runner_never_writes_what_its_reader_refuses(tmp_path):
+    from qlora_bench.errors import InputError
+
+    rec = json.loads((RESULTS_DIR / "h100" / "hf-stack-shared.jsonl").read_text().splitlines()[0])
+    rec["measured"]["peak_reserved_bytes"] = rec["measured"]["peak_allocated_bytes"] - 1
+    with pytest.raises(InputError, match="peak_allocated_bytes"):
+        append_record(tmp_path / "r.jsonl", rec)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_empty_sections_of_a_sweep_file_are_absent(tmp_path):
+    from qlora_bench.run.sweep import load_sweep
+
+    (tmp_path / "s.yaml").write_text("defaults:\n  # method: lora\noptions:\ngrid:\n  - model: 8b\n    method: QLoRA\n"
+                                     "    seq: 8k\n")
+    sweep = load_sweep(tmp_path / "s.yaml")
+    assert [(c.settings.method, c.settings.seq) for c in sweep.configs] == [("qlora", 8192)]
