@@ -1350,8 +1350,9 @@ def sweep_docs() -> dict[str, dict]:
 
 COUNT_YAML = {  # raw YAML for a count field (batch, seq, rank, grad_accum) -> verdict
     "two": REFUSE, "[2, x]": REFUSE, "0": REFUSE, "-1": REFUSE, "2.5": REFUSE, ".nan": REFUSE, ".inf": REFUSE,
-    "1.0e+400": REFUSE, str(10**30): REFUSE, "null": REFUSE, "true": REFUSE, "{a: 1}": REFUSE, '"8"': REFUSE,
-    "[]": EITHER, "[1, 2]": ACCEPT, "[4, 4]": EITHER, "8k": EITHER,
+    "1.0e+400": REFUSE, str(10**30): REFUSE, "null": REFUSE, "true": REFUSE, "{a: 1}": REFUSE,
+    # a grid value reads like the flag: "8" and 8k are token counts (sweep files and flags refuse the same values)
+    '"8"': ACCEPT, "8k": ACCEPT, '"8 apples"': REFUSE, "[]": EITHER, "[1, 2]": ACCEPT, "[4, 4]": EITHER,
 }  # fmt: skip
 GRID_YAML = {  # grid field -> {raw YAML: verdict}
     **{f: COUNT_YAML for f in ("batch", "seq", "rank", "grad_accum")},
