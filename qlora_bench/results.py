@@ -138,21 +138,30 @@ class Environment:
 
 
 @dataclass(frozen=True)
-class TrainRecord:
-    """One measured training configuration (kind `train`): what `run` / `sweep` / `import-shared` write."""
+class _RecordFields:
+    """The fields every record kind has; a kind narrows `kind` and `measured` (a redefined field keeps its
+    place, so the required ones stay ahead of the optional ones)."""
 
     extra = Extra.ALLOW
     schema: Literal[SCHEMA_VERSION]
-    kind: Literal["train"]
+    kind: str
     id: str = rule(nonempty=True, max_len=500)
     model: str = rule(nonempty=True, max_len=4096)
     settings: Settings = rule()
     outcome: Literal[OUTCOMES] = rule()
-    measured: TrainMeasured = rule(hint="the measured figures ({} for a run that left none)")
+    measured: dict = rule(hint="the measured figures ({} for a run that left none)")
     key: str | None = rule(None, max_len=100)
-    architecture: dict | None = None
     error: str | None = rule(None, max_len=100_000)
     environment: Environment | None = None
+
+
+@dataclass(frozen=True)
+class TrainRecord(_RecordFields):
+    """One measured training configuration (kind `train`): what `run` / `sweep` / `import-shared` write."""
+
+    kind: Literal["train"]
+    measured: TrainMeasured = rule(hint="the measured figures ({} for a run that left none)")
+    architecture: dict | None = None
 
     def check(self, where: str) -> None:
         env, m = self.environment, self.measured
@@ -165,22 +174,12 @@ class TrainRecord:
 
 
 @dataclass(frozen=True)
-class InferRecord:
-    """One measured serving mode (kind `infer`, written by `infer-bench`)."""
+class InferRecord(_RecordFields):
+    """One measured serving mode (kind `infer`, written by `infer-bench`); `measured` keys depend on the batch
+    (decode_tokens_per_sec_b8), and every number in it is a byte count, seconds or a rate."""
 
-    extra = Extra.ALLOW
-    schema: Literal[SCHEMA_VERSION]
     kind: Literal["infer"]
-    id: str = rule(nonempty=True, max_len=500)
-    model: str = rule(nonempty=True, max_len=4096)
-    settings: Settings = rule()
-    outcome: Literal[OUTCOMES] = rule()
-    # keys depend on the batch (decode_tokens_per_sec_b8); every number in it is a byte count, seconds or a rate
-    measured: dict = rule(hint="the measured figures ({} for a run that left none)")
-    key: str | None = rule(None, max_len=100)
-    error: str | None = rule(None, max_len=100_000)
     serving: dict = rule(factory=dict)
-    environment: Environment | None = None
 
     def check(self, where: str) -> None:
         def walk(value, path):
