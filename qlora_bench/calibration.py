@@ -6,11 +6,14 @@ Only what no formula gives is fitted, each as the median over the records it app
   that do not load bitsandbytes;
 - bnb_runtime_bytes: the same residue minus the CUDA context, for records that use bitsandbytes;
 - cublas_workspace_bytes: allocated after training - allocated after load - the optimizer states the estimator
-  predicts (what persists after the first step besides the states is the cuBLAS workspace);
-- reserve_fraction: (torch reserved peak - allocated peak) / the estimate's dynamic bytes at the peak;
-- allocated_rel_error: the analytic allocated peak's relative error on these records (the estimate's band);
-- safety_margin: per method, the largest under-prediction of the device peak on these records, which `plan`
-  adds before it says "fits" (so that a fit can be trusted; 0 where it never under-predicted).
+  predicts (what persists after the first step besides the states is the cuBLAS workspace).
+Nothing else is fitted: the allocated and reserved peaks come from the step's allocation program replayed
+through the caching-allocator model. What is recorded about them:
+- allocated_rel_error / reserved_rel_error: the simulated peaks' relative errors on every GPU record (none of
+  them was fitted on: out of sample); the reserved errors are the band `plan` prints;
+- safety_margin: per method, the largest under-prediction of a device peak when that record was left out of
+  the fit of the constants above (leave-one-out), which `plan` adds before it says "fits" (0 where none was
+  under-predicted).
 
 Hold-out: records whose id hashes into the hold-out quarter are not fitted on; `qlora-bench validate` reports
 their errors separately. The output lists both sets. Rerun after adding measurements; a test checks that the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -65,15 +69,16 @@ def _paged(r: Record) -> int:
 
 
 def _overheads_from(cal: dict) -> Overheads:
-    rr = cal["reserve_fraction"]
+    rr = cal.get("reserved_rel_error", {})
     return replace(
         overheads(),
         cuda_context=cal["cuda_context_bytes"]["value"],
         bnb_runtime=cal["bnb_runtime_bytes"]["value"],
         cublas_workspace=cal["cublas_workspace_bytes"]["value"],
-        reserve_fraction=rr["median"],
-        reserve_fraction_low=rr["min"],
-        reserve_fraction_high=rr["max"],
+        reserved_error_under=rr.get("under", 0.0),
+        reserved_error_over=rr.get("over", 0.0),
+        context_spread_high=0,
+        context_spread_low=0,
         driver_idle=cal["driver_idle_bytes"]["value"],
         allocated_rel_error=cal.get("allocated_rel_error", {}).get("max", 0.0),
         safety_margin=cal.get("safety_margin", {}),
@@ -103,18 +108,13 @@ def _refuse_negative(values: dict[str, int], what: str) -> None:
         )
 
 
-def fit(records: list[Record], where: str = "the records") -> dict:
-    # GPU runs only: the three peaks measured (a CPU smoke run has none)
-    gpu_records = [r for r in records if r.ok and all(r.measured.get(k) for k in PEAKS)]
-    recs = [r for r in gpu_records if not is_held_out(r.id)]
-    if not recs:
-        raise InputError(
-            f"{where}: no successful GPU records with device measurements to calibrate from "
-            f"({len(records)} records, {len(gpu_records)} with device peaks, held-out ones excluded)"
-        )
-    for r in recs:  # every record the estimator can describe, or an error naming the record, before any fitting
-        with r.context():
-            estimate(r.model_spec(), r.settings)
+def _ceil4(x: float) -> float:
+    """Round a bound up to 4 decimals: a margin or band rounded down would no longer cover its own record."""
+    return math.ceil(x * 1e4 - 1e-9) / 1e4
+
+
+def _fit_constants(recs: list[Record], where: str) -> dict:
+    """The constants no mechanism gives, each the median over the records it applies to."""
     residue = {r.id: r.measured["peak_device_bytes"] - r.measured["peak_reserved_bytes"] - _paged(r) for r in recs}
     _refuse_negative(residue, "the CUDA context")
     ctx = _stat([residue[r.id] for r in recs if not _uses_bnb(r)])
@@ -137,46 +137,66 @@ def fit(records: list[Record], where: str = "the records") -> dict:
     ):
         if not stat["n"]:
             raise InputError(f"{where}: cannot calibrate {what}: no fitted record is {need}; measure one and rerun")
+    return {
+        "driver_idle_bytes": _stat([r.measured["nvml_used_baseline_bytes"] for r in recs]),
+        "cuda_context_bytes": ctx,
+        "bnb_runtime_bytes": bnb,
+        "cublas_workspace_bytes": _stat(list(cublas.values())),
+    }
+
+
+def _held_out_shortfalls(recs: list[Record], gpu_records: list[Record], cal: dict, reserved: dict) -> dict:
+    """Per record: measured device peak / the device peak predicted with constants fitted without that record,
+    minus 1 (> 0: under-predicted). The simulated reserved peak does not depend on the constants except through
+    the cuBLAS workspace it allocates, which is swapped for the refitted one."""
+    out = {}
+    ws = cal["cublas_workspace_bytes"]["value"]
+    for r in gpu_records:
+        rest = [x for x in recs if x.id != r.id]
+        try:
+            c = _fit_constants(rest, "leave-one-out") if rest else cal
+        except InputError:  # without this record a constant has no data: its in-sample value is all there is
+            c = cal
+        context = c["cuda_context_bytes"]["value"] + (c["bnb_runtime_bytes"]["value"] if _uses_bnb(r) else 0)
+        pred = reserved[r.id] + (c["cublas_workspace_bytes"]["value"] - ws) + context + _paged(r)
+        out[r.id] = r.measured["peak_device_bytes"] / pred - 1
+    return out
+
+
+def fit(records: list[Record], where: str = "the records") -> dict:
+    # GPU runs only: the three peaks measured (a CPU smoke run has none)
+    gpu_records = [r for r in records if r.ok and all(r.measured.get(k) for k in PEAKS)]
+    recs = [r for r in gpu_records if not is_held_out(r.id)]
+    if not recs:
+        raise InputError(
+            f"{where}: no successful GPU records with device measurements to calibrate from "
+            f"({len(records)} records, {len(gpu_records)} with device peaks, held-out ones excluded)"
+        )
+    for r in gpu_records:  # every record the estimator can describe, or an error naming the record, before fitting
+        with r.context():
+            estimate(r.model_spec(), r.settings)
     out = {
         "generated_by": "qlora-bench calibrate",
         "fitted_on": sorted(r.id for r in recs),
         "held_out": sorted(r.id for r in gpu_records if is_held_out(r.id)),
         "source_files": sorted({_source_name(r.path) for r in recs}),
         "gpus": sorted({r.data.get("environment", {}).get("gpu_name") or "?" for r in recs}),
-        "driver_idle_bytes": _stat([r.measured["nvml_used_baseline_bytes"] for r in recs]),
-        "cuda_context_bytes": ctx,
-        "bnb_runtime_bytes": bnb,
-        "cublas_workspace_bytes": _stat(list(cublas.values())),
-        "reserve_fraction": {"median": 0.0, "min": 0.0, "max": 0.0, "n": 0},
+        **_fit_constants(recs, where),
     }
-    # allocator slack: measured reserved - allocated over the estimate's dynamic bytes
+    # the simulated peaks against every record: nothing in them was fitted, so all records are out of sample
     ov = _overheads_from(out)
-    ratios = []
-    for r in recs:
-        e = estimate(r.model_spec(), r.settings, ov)
-        slack = r.measured["peak_reserved_bytes"] - r.measured["peak_allocated_bytes"]
-        ratios.append(slack / max(e.dynamic_bytes, 1))
-    out["reserve_fraction"] = {
-        "median": round(statistics.median(ratios), 4),
-        "min": round(min(ratios), 4),
-        "max": round(max(ratios), 4),
-        "n": len(ratios),
-    }
-    # the analytic peaks with these overheads, against each record
-    ov = _overheads_from(out)
-    alloc_err, under = {}, {}
-    for r in recs:
+    alloc_err, res_err, reserved = {}, {}, {}
+    for r in gpu_records:
         e = estimate(r.model_spec(), r.settings, ov)
         alloc_err[r.id] = round(e.peak_allocated_bytes / r.measured["peak_allocated_bytes"] - 1, 4)
-        shortfall = r.measured["peak_device_bytes"] / e.peak_device_bytes - 1
-        m = r.settings.method
-        under[m] = max(under.get(m, 0.0), round(max(shortfall, 0.0), 4))
+        res_err[r.id] = round(e.peak_reserved_bytes / r.measured["peak_reserved_bytes"] - 1, 4)
+        reserved[r.id] = e.peak_reserved_bytes
     worst = max(alloc_err, key=lambda k: abs(alloc_err[k]))
     if abs(alloc_err[worst]) > MAX_ALLOCATED_ERROR:
         raise InputError(
             f"cannot calibrate on record {worst}: the estimator's allocated peak is {alloc_err[worst]:+.0%} off its "
-            f"measured peak_allocated_bytes; calibration fits only what no formula gives, on runs the formulas "
-            f"model (within {MAX_ALLOCATED_ERROR:.0%}): check or remove that record"
+            f"measured peak_allocated_bytes; calibration fits only what no mechanism gives, on runs the estimator "
+            f"models (within {MAX_ALLOCATED_ERROR:.0%}): check or remove that record"
         )
     abs_err = [abs(v) for v in alloc_err.values()]
     out["allocated_rel_error"] = {
@@ -184,6 +204,17 @@ def fit(records: list[Record], where: str = "the records") -> dict:
         "median": round(statistics.median(abs_err), 4),
         "per_record": alloc_err,
     }
+    # measured / predicted - 1 per record: > 0 under-predicted (the band's top), < 0 over-predicted (its bottom)
+    ratio = [r.measured["peak_reserved_bytes"] / reserved[r.id] - 1 for r in gpu_records]
+    out["reserved_rel_error"] = {
+        "under": _ceil4(max(0.0, *ratio)),
+        "over": _ceil4(max(0.0, *(-x for x in ratio))),
+        "per_record": res_err,
+    }
+    under: dict[str, float] = {}
+    for rid, shortfall in _held_out_shortfalls(recs, gpu_records, out, reserved).items():
+        m = next(r for r in gpu_records if r.id == rid).settings.method
+        under[m] = max(under.get(m, 0.0), _ceil4(max(shortfall, 0.0)))
     out["safety_margin"] = {**under, "default": max(under.values())}
     out["throughput"] = fit_throughput(recs)
     return out

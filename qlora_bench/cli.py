@@ -95,6 +95,13 @@ def add_settings_args(p: argparse.ArgumentParser, methods=(*METHODS, "all")) -> 
         d.upcast_non_quantized,
         "qlora: cast embeddings, lm_head and norms to fp32 as peft's prepare_model_for_kbit_training does (default on)",
     )
+    g.add_argument(
+        "--alloc-conf",
+        metavar="CONF",
+        default=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        help="PyTorch's caching-allocator settings for the training process, as PYTORCH_CUDA_ALLOC_CONF takes them "
+        "(e.g. expandable_segments:True); default: that variable here, else torch's defaults",
+    )
 
 
 def _add_calibration_arg(p: argparse.ArgumentParser) -> None:
@@ -133,6 +140,7 @@ def settings_from_args(a: argparse.Namespace, method: str) -> Settings:
         grad_accum=a.grad_accum,
         attn=a.attn,
         upcast_non_quantized=a.upcast_non_quantized,
+        alloc_conf=a.alloc_conf,
     ).validated("command line")
 
 
@@ -313,9 +321,11 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         print(
             f"  {key:24s} {fmt_gib(v['value'], 3)}  (n={v['n']}, range {fmt_gib(v['min'], 3)}..{fmt_gib(v['max'], 3)})"
         )
-    rr = cal["reserve_fraction"]
-    print(f"  {'reserve_fraction':24s} {rr['median']}  (range {rr['min']}..{rr['max']})")
-    print(f"  allocated peak error: median {err['median']:.2%}, worst {err['max']:.2%}")
+    rr = cal["reserved_rel_error"]
+    print(f"  simulated allocated peak: median error {err['median']:.2%}, worst {err['max']:.2%}")
+    print(f"  simulated reserved peak: worst under-prediction {rr['under']:.2%}, over-prediction {rr['over']:.2%}")
+    margins = ", ".join(f"{k} {v:.2%}" for k, v in sorted(cal["safety_margin"].items()))
+    print(f"  safety margins (largest held-out device under-prediction): {margins}")
     print(f"wrote {a.out}; plan with it: qlora-bench plan --calibration {a.out} ...")
     return 0
 
@@ -392,6 +402,70 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.json:  # one JSON document: the record, or a list of both with --trainer both
         print(json.dumps(records if len(records) > 1 else records[0], indent=2, sort_keys=True, allow_nan=False))
     return worst
+
+
+_bounded_jobs = flags.count(1, 64)
+
+
+def cmd_crosscheck(a: argparse.Namespace) -> int:
+    _need_train_extra()
+    from . import crosscheck
+    from .errors import check_output_file
+
+    out = check_output_file(a.out, "crosscheck output (--out)")
+    cases = crosscheck.grid(a.grid)
+
+    def progress(row: dict) -> None:
+        if row.get("trace"):
+            print(f"{row['case']}: allocated {row['allocated_diff']:+.2%}, reserved {row['reserved_diff']:+.2%}")
+        else:
+            print(f"{row['case']}: not traced ({row['error']})")
+
+    rows = crosscheck.run(cases, out, jobs=a.jobs, progress=progress, grid_name=a.grid)
+    s = crosscheck.summary(rows)
+    print(
+        f"{s.get('traced', 0)}/{s['n']} traced; within targets: {s.get('within_targets', 0)}; "
+        f"wrote {out} and {Path(out).with_suffix('.md')}"
+    )
+    return 0
+
+
+def cmd_trace(a: argparse.Namespace) -> int:
+    _need_train_extra()
+    from .errors import check_output_file
+    from .profiles import resolve_model
+
+    _use_calibration(a)
+    spec = resolve_model(a.model)
+    settings = settings_from_args(a, a.method)
+    plot = check_output_file(a.plot, "plot (--plot)") if a.plot else None
+    events = check_output_file(a.events, "events file (--events)") if a.events else None
+    if plot:
+        from .trace.plot import need_matplotlib
+
+        need_matplotlib()  # before minutes of tracing, not after
+    from .trace import TraceFailed, trace
+
+    try:
+        result = trace(spec, settings, steps=a.steps, events_path=events)
+    except TraceFailed as e:
+        print(f"qlora-bench: trace failed: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    if plot:
+        from .trace.plot import plot_memory
+
+        plot_memory(result, plot)
+    if a.json:
+        print(_json(result.to_dict()))
+        return 0
+    from .trace.report import render
+
+    render(result, spec)
+    if plot:
+        print(f"plot written to {plot}")
+    if events:
+        print(f"events written to {events}")
+    return 0
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
@@ -473,7 +547,15 @@ def cmd_validate(a: argparse.Namespace) -> int:
     if not rows:
         raise InputError(f"no GPU records to validate in {', '.join(paths)} (records of runs on a GPU, or OOMs)")
     if a.json:
-        out = {"rows": [x.to_dict() for x in rows], "summary": {k: v.to_dict() for k, v in summaries.items()}}
+        from .estimate.overhead import overheads
+
+        ov = overheads()
+        out = {
+            "rows": [x.to_dict() for x in rows],
+            "summary": {k: v.to_dict() for k, v in summaries.items()},
+            "safety_margin": ov.safety_margin,
+            "reserved_band": {"under": ov.reserved_error_under, "over": ov.reserved_error_over},
+        }
         print(json.dumps(out, indent=2, sort_keys=True, allow_nan=False))
         return 0
     from . import render
@@ -620,6 +702,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the record as JSON")
     sp.add_argument("--yes", action="store_true", help=YES_HELP)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser(
+        "trace",
+        help="one real training step on fake CUDA tensors, every allocation replayed through an allocator model",
+        description="Run the runner's training step on fake CUDA tensors (no GPU, no memory: every op computes "
+        "shapes only), record every allocation and free, and replay them through a model of PyTorch's CUDA caching "
+        "allocator: peak allocated, reserved and device memory by category and phase. Needs the train extra and a "
+        "C++ compiler (a small shim is built once per torch version).",
+    )
+    sp.add_argument("--model", required=True, help=MODEL_HELP)
+    add_settings_args(sp, methods=METHODS)
+    sp.add_argument("--steps", type=flags.count(1, 20), default=3, help="optimizer steps to trace (default 3)")
+    sp.add_argument("--plot", metavar="PNG", help="write a memory-over-time plot (needs matplotlib)")
+    sp.add_argument("--events", metavar="FILE", help="write the allocation events (JSON lines; gzip if .gz)")
+    _add_calibration_arg(sp)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_trace)
 
     sp = sub.add_parser(
         "sweep",
@@ -773,6 +872,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("profiles", help="list the built-in models and GPUs")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_profiles)
+
+    sp = sub.add_parser(
+        "crosscheck",
+        help="the analytic estimator against `trace` on a grid of configurations (CPU, no GPU; train extra)",
+    )
+    sp.add_argument("--grid", type=flags.choice(("smoke", "full")), default="smoke", help="smoke (4) or full (>200)")
+    sp.add_argument(
+        "--out", default="results/crosscheck/grid.json", help="rows (one JSON document); a .md summary beside it"
+    )
+    sp.add_argument("--jobs", type=_bounded_jobs, default=1, help="traces at once (each is a process)")
+    sp.set_defaults(func=cmd_crosscheck)
 
     sp = sub.add_parser("import-shared", help="import shared/measurements into results/ with provenance")
     sp.add_argument("source", help="folder (or .jsonl file) of shared measurements, e.g. ../shared/measurements")

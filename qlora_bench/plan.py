@@ -3,8 +3,13 @@
 What counts against the GPU is the estimator's device peak (what nvidia-smi would show for the process)
 without the paged optimizer states, which bitsandbytes allocates as CUDA managed memory that the driver can
 evict to host memory under pressure (slower, but not an OOM), plus a safety margin: the largest fraction by which
-the estimator under-predicted a measured device peak of that method (calibration.json), so that "fits" can be
-trusted. The usable memory is the board's total minus what the driver itself uses on an idle GPU.
+the estimator under-predicted a measured device peak of that method when that record was held out of the fit
+(calibration.json), so that "fits" can be trusted. The usable memory is the board's total minus what the driver
+itself uses on an idle GPU.
+
+Every number `plan` reports comes from a replay of the step through the caching-allocator model. Searches
+(largest batch, longest sequence, which change fits) first step with the slack of a replayed neighbour
+(`estimate(..., anchor=)`, milliseconds), then replay what they report and step back if it does not fit.
 """
 
 from __future__ import annotations
@@ -111,36 +116,77 @@ def fits_with_margin(e: Estimate, usable: int) -> bool:
 _fits = fits_with_margin
 
 
-def fits(model: ModelSpec, s: Settings, usable: int) -> bool:
-    return _fits(estimate(model, s), usable)
+def fits(model: ModelSpec, s: Settings, usable: int, anchor: Estimate | None = None) -> bool:
+    return _fits(estimate(model, s, anchor=anchor), usable)
 
 
-def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int) -> int:
-    """Largest value of `key` (batch or seq) in [1, cap] that fits; 0 if none. Memory grows with both."""
-    if not fits(model, s.with_(**{key: 1}), usable):
-        return 0
-    lo, hi = 1, 2
-    while hi <= cap and fits(model, s.with_(**{key: hi}), usable):
-        lo, hi = hi, hi * 2
-    hi = min(hi, cap + 1)
-    while hi - lo > 1:
+# Searches resolve the largest value that fits to within this fraction (never below 1 step): each replay of a
+# 70B step takes a quarter of a second, and the allocator's slack moves in whole segments, so the exact last
+# token is not worth a dozen replays. What they report always fits (it was replayed).
+SEARCH_RESOLUTION = 0.005
+
+
+def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int, anchor: Estimate | None = None) -> int:
+    """Largest value of `key` (batch or seq) in [1, cap] that fits, to within SEARCH_RESOLUTION, by replays; 0 if
+    1 does not fit. The first guess is what fits with the slack of a replayed neighbour (no replay); replays then
+    walk from it with doubling steps and bisect the bracket, so a good guess costs two or three replays."""
+    anchor = anchor or estimate(model, s)
+    seen: dict[int, bool] = {}
+
+    def ok(v: int) -> bool:
+        if v not in seen:
+            seen[v] = fits(model, s.with_(**{key: v}), usable)
+        return seen[v]
+
+    guess = min(max(_search(model, s, usable, key, 1, cap, anchor), 1), cap)
+    step = max(1, int(guess * SEARCH_RESOLUTION))
+    if ok(guess):
+        lo = guess
+        while lo + step <= cap and ok(lo + step):
+            lo, step = lo + step, step * 2
+        hi = min(lo + step, cap + 1)
+    else:
+        hi = guess
+        while hi - step >= 1 and not ok(hi - step):
+            hi, step = hi - step, step * 2
+        lo = max(hi - step, 0)
+        if lo == 0 and hi > 1 and ok(1):
+            lo = 1
+    # lo fits (or is 0), hi does not (or is past the cap): bisect down to the resolution
+    while hi - lo > max(1, int(lo * SEARCH_RESOLUTION)):
         mid = (lo + hi) // 2
-        if fits(model, s.with_(**{key: mid}), usable):
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
 
 
-def max_batch(model: ModelSpec, s: Settings, usable: int) -> int:
-    return _largest(model, s, usable, "batch", MAX_BATCH_SEARCH)
+def _search(model: ModelSpec, s: Settings, usable: int, key: str, lo: int, hi: int, anchor: Estimate) -> int:
+    """Largest value in [lo, hi] that fits with the anchor's slack (lo - 1 if none): doubling, then bisection."""
+    if lo > hi or not fits(model, s.with_(**{key: lo}), usable, anchor):
+        return lo - 1
+    good, bad = lo, lo * 2
+    while bad <= hi and fits(model, s.with_(**{key: bad}), usable, anchor):
+        good, bad = bad, bad * 2
+    bad = min(bad, hi + 1)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(model, s.with_(**{key: mid}), usable, anchor):
+            good = mid
+        else:
+            bad = mid
+    return good
 
 
-def max_seq(model: ModelSpec, s: Settings, usable: int) -> int:
-    return _largest(model, s, usable, "seq", MAX_SEQ_SEARCH)
+def max_batch(model: ModelSpec, s: Settings, usable: int, anchor: Estimate | None = None) -> int:
+    return _largest(model, s, usable, "batch", MAX_BATCH_SEARCH, anchor)
 
 
-def _candidate_changes(model: ModelSpec, s: Settings, usable: int) -> list[tuple[str, str, Settings]]:
+def max_seq(model: ModelSpec, s: Settings, usable: int, anchor: Estimate | None = None) -> int:
+    return _largest(model, s, usable, "seq", MAX_SEQ_SEARCH, anchor)
+
+
+def _candidate_changes(
+    model: ModelSpec, s: Settings, usable: int, current: Estimate | None = None
+) -> list[tuple[str, str, Settings]]:
     c = []
     if not s.gradient_checkpointing:
         c.append(("turn on gradient checkpointing", "--gradient-checkpointing", s.with_(gradient_checkpointing=True)))
@@ -166,10 +212,20 @@ def _candidate_changes(model: ModelSpec, s: Settings, usable: int) -> list[tuple
         )
     if s.method == "qlora" and not s.double_quant:
         c.append(("turn on double quantization", "--double-quant", s.with_(double_quant=True)))
+    if current is not None and current.fragmentation_bytes and "expandable_segments:True" not in s.alloc_conf:
+        conf = ",".join(x for x in (s.alloc_conf, "expandable_segments:True") if x)
+        c.append(
+            (
+                f"train with PYTORCH_CUDA_ALLOC_CONF={conf} (the allocator grows segments instead of caching "
+                f"fixed ones; {current.fragmentation_bytes / 2**30:.2f} GiB were cached but unusable at the peak)",
+                f"--alloc-conf {conf}",
+                s.with_(alloc_conf=conf),
+            )
+        )
     if s.uses_adapters and s.rank > 8:
         c.append(("lower the LoRA rank to 8", "--rank 8", s.with_(rank=8)))
     if s.batch > 1:
-        b = max_batch(model, s, usable)
+        b = max_batch(model, s, usable, current)
         if 1 <= b < s.batch:
             accum = -(-s.batch * s.grad_accum // b)
             c.append(
@@ -179,7 +235,7 @@ def _candidate_changes(model: ModelSpec, s: Settings, usable: int) -> list[tuple
                     s.with_(batch=b, grad_accum=accum),
                 )
             )
-    seq = max_seq(model, s, usable)
+    seq = max_seq(model, s, usable, current)
     if 1 <= seq < s.seq:
         c.append((f"shorten sequences to {seq} tokens", f"--seq {seq}", s.with_(seq=seq)))
     return c
@@ -214,30 +270,34 @@ def gpus_if_sharded(e: Estimate, usable: int, most: int = 8) -> int:
 
 def suggestions(model: ModelSpec, s: Settings, gpu: GpuSpec, usable: int, current: Estimate) -> list[Suggestion]:
     out = []
-    for change, flags, new in _candidate_changes(model, s, usable):
+    for change, flags, new in _candidate_changes(model, s, usable, current):
         try:
-            e = estimate(model, new)
+            e = estimate(model, new, anchor=current)
+            if _fits(e, usable) or _fits(e, round(usable * 1.1)):  # what may decide the verdict is replayed
+                e = estimate(model, new)
         except InputError:
             continue
         ok = _fits(e, usable)
         if e.resident_device_bytes >= current.resident_device_bytes:
             continue  # saves nothing here
         out.append(
-            # peft's fp32 upcast is the setting users rarely know they chose: flag it when it flips the verdict
+            # peft's fp32 upcast and the allocator's settings are what users rarely know they chose: flag them
+            # when they flip the verdict
             Suggestion(
                 change,
                 flags,
                 new,
                 e.peak_device_bytes,
                 ok,
-                decides_verdict=flags == "--no-upcast-non-quantized" and ok != _fits(current, usable),
+                decides_verdict=flags.startswith(("--no-upcast-non-quantized", "--alloc-conf"))
+                and ok != _fits(current, usable),
                 tight=ok and _tight(e, usable),
             )
         )
     if not any(x.fits for x in out):
         # no single change is enough: stack the memory savers that keep the training recipe
         combo, names, flags = s, [], []
-        for change, flag, new in _candidate_changes(model, s, usable):
+        for change, flag, new in _candidate_changes(model, s, usable, current):
             if flag.startswith(("--seq", "--batch")):
                 continue
             combo = combo.with_(**{k: v for k, v in new.to_dict().items() if v != s.to_dict()[k]})
@@ -352,8 +412,8 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
         verdict=verdict,
         headroom_bytes=usable - required_bytes(e),
         safety_margin=margin,
-        max_batch=max_batch(model, s, usable),
-        max_seq=max_seq(model, s, usable),
+        max_batch=max_batch(model, s, usable, e),
+        max_seq=max_seq(model, s, usable, e),
         notes=notes,
     )
     p.epoch_tokens = epoch_tokens

@@ -86,7 +86,8 @@ def plan(p: Plan) -> None:
     )
     t = table(f"memory at the peak (phase: {e.peak_phase})", "component", "GiB", "share", numeric=("GiB", "share"))
     for k, v in e.components.items():
-        t.add_row(LABELS.get(k, k), _g(v), f"{v / e.peak_device_bytes:.0%}")
+        if _g(v) not in ("0.00", "-0.00"):  # folded small tensors: nothing to read in a 0.00 line
+            t.add_row(LABELS.get(k, k), _g(v), f"{v / e.peak_device_bytes:.0%}")
     t.add_section()
     t.add_row("torch peak allocated", _g(e.peak_allocated_bytes), "")
     t.add_row("torch peak reserved", _g(e.peak_reserved_bytes), "")
@@ -451,6 +452,14 @@ def validation(rows, summaries) -> None:
     console.print(s)
     long = max((sm.long_step_records for sm in summaries.values() if sm.n), default=0)
     note(f"{long} record(s) with steps of at least 1 s (where throughput repeats within ~1 %)")
+    from .estimate.overhead import overheads
+
+    ov = overheads()
+    margins = ", ".join(f"{k} {v:.1%}" for k, v in sorted(ov.safety_margin.items()) if k != "default")
+    note(
+        f"safety margins plan adds before 'fits' (largest device under-prediction with the record held out of the "
+        f"fit): {margins}; reserved band: -{ov.reserved_error_over:.1%} / +{ov.reserved_error_under:.1%}"
+    )
     _legend()
 
 

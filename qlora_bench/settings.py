@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from .errors import InputError
-from .schema import check_fields, load, rule
+from .schema import FLAGS, check_fields, load, rule
 
 METHODS = ("qlora", "lora", "full")
 QUANT_TYPES = ("nf4", "fp4")
@@ -61,6 +61,19 @@ def canonical_targets(targets: str) -> str:
     return ",".join(dict.fromkeys(names))  # dict keeps the first of duplicates, in order
 
 
+def canonical_alloc_conf(text: str) -> str:
+    """'max_split_size_mb:512, expandable_segments:true' -> torch's spelling in a fixed order; text that does not
+    parse is left as given, for `check` to refuse with a message."""
+    if not isinstance(text, str) or not text.strip():
+        return "" if isinstance(text, str) else text
+    from .estimate.allocator import AllocatorConfig  # pure Python; imported late: settings sits below estimate
+
+    try:
+        return AllocatorConfig.parse(text).to_text()
+    except InputError:
+        return text
+
+
 @dataclass(frozen=True)
 class Settings:
     method: Literal[METHODS] = "qlora"
@@ -86,9 +99,13 @@ class Settings:
     grad_accum: int = rule(1, ge=1, le=MAX_GRAD_ACCUM, hint="gradient accumulation steps")
     attn: Literal[ATTN] = "sdpa"
     upcast_non_quantized: bool = True
+    # PYTORCH_CUDA_ALLOC_CONF of the training process ('' = torch's defaults): the caching allocator's settings
+    # change the reserved peak (expandable_segments, max_split_size_mb, ...); estimate/allocator.py models them
+    alloc_conf: str = rule("", max_len=1000, hint="PYTORCH_CUDA_ALLOC_CONF text, e.g. expandable_segments:True")
 
     def __post_init__(self):
         object.__setattr__(self, "targets", canonical_targets(self.targets))
+        object.__setattr__(self, "alloc_conf", canonical_alloc_conf(self.alloc_conf))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +140,14 @@ class Settings:
         """Rules between fields (schema.load calls this after the per-field checks)."""
         if self.method != "qlora" and self.quant != "nf4":
             raise InputError(f"{where}: quant '{self.quant}' applies only to method qlora (method is {self.method})")
+        if self.alloc_conf:
+            from .estimate.allocator import AllocatorConfig
+
+            try:
+                AllocatorConfig.parse(self.alloc_conf)
+            except InputError as e:
+                name = "--alloc-conf" if where == FLAGS else f"{where}: field 'alloc_conf'"
+                raise InputError(f"{name}: {e}") from None
         if self.tokens_per_step > MAX_TOKENS_PER_STEP:
             raise InputError(
                 f"{where}: batch {self.batch} x seq {self.seq} = {self.tokens_per_step:,} tokens per micro-batch; "
@@ -142,4 +167,6 @@ class Settings:
             "gc" if self.gradient_checkpointing else "no-gc",
             self.attn,
         ]
+        if self.alloc_conf:
+            parts.append(self.alloc_conf)
         return " ".join(parts)

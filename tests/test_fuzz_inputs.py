@@ -1232,13 +1232,13 @@ def calibration_edits() -> st.SearchStrategy[Edit]:
     throughput = sorted(k for k, v in doc.get("throughput", {}).items() if isinstance(v, (int, float)))
     return st.one_of(
         st.sampled_from(REQUIRED_CALIBRATION).flatmap(lambda k: set_edits((k, "value"), "bytes")),
-        st.sampled_from(["median", "min", "max"]).flatmap(lambda k: set_edits(("reserve_fraction", k), "fraction")),
+        st.sampled_from(["under", "over"]).flatmap(lambda k: set_edits(("reserved_rel_error", k), "fraction")),
         st.sampled_from(sorted(doc["safety_margin"])).flatmap(lambda k: set_edits(("safety_margin", k), "fraction")),
         set_edits(("allocated_rel_error", "max"), "fraction"),
         st.sampled_from(throughput).flatmap(lambda k: set_edits(("throughput", k), "fraction")),
         st.just(Edit(("throughput", "inv_flops_efficiency"), "zero (infinitely fast)", REFUSE, "0")),
-        st.sampled_from([*REQUIRED_CALIBRATION, "reserve_fraction"]).map(lambda k: Edit((k,), "drop", REFUSE)),
-        st.just(Edit(("reserve_fraction", "median"), "drop", REFUSE)),
+        st.sampled_from([*REQUIRED_CALIBRATION, "reserved_rel_error"]).map(lambda k: Edit((k,), "drop", REFUSE)),
+        st.just(Edit(("reserved_rel_error", "under"), "drop", REFUSE)),
         st.sampled_from(["fitted_on", "held_out", "gpus", "source_files", "generated_by", "throughput"]).map(
             lambda k: Edit((k,), "drop", EITHER)
         ),
@@ -1274,7 +1274,7 @@ CALIBRATION_CASES_NAMED = [
     calibration_case(),
     calibration_case(Edit(("cuda_context_bytes", "value"), "negative", REFUSE, "-1")),
     calibration_case(Edit(("driver_idle_bytes", "value"), "NaN literal", REFUSE, "NaN")),
-    calibration_case(Edit(("reserve_fraction", "median"), "string", REFUSE, '"x"')),
+    calibration_case(Edit(("reserved_rel_error", "under"), "string", REFUSE, '"x"')),
     calibration_case(Edit(("safety_margin", "qlora"), "negative", REFUSE, "-0.5")),
     calibration_case(Edit(("throughput", "inv_flops_efficiency"), "zero (infinitely fast)", REFUSE, "0")),
     calibration_case(Edit(("cublas_workspace_bytes",), "drop", REFUSE)),

@@ -20,8 +20,7 @@ def test_70b_on_48gb_suggests_no_upcast_which_decides_the_verdict():
 
 
 def test_suggestions_for_8b_full_on_24gb():
-    p = plan(resolve_model("8b"), Settings(method="full", optimizer="adamw_torch_fused"),
-             resolve_gpu("24gb"))
+    p = plan(resolve_model("8b"), Settings(method="full", optimizer="adamw_torch_fused"), resolve_gpu("24gb"))
     flags = _by_flag(p)
     assert flags["--method qlora"].fits and flags["--method lora"].fits
     assert any("FSDP" in s.change and s.fits for s in p.suggestions)
@@ -41,8 +40,10 @@ def test_max_batch_and_seq_are_the_boundary():
     m, g = resolve_model("8b"), resolve_gpu("rtx-4090")
     p = plan(m, Settings(), g)
     u = usable_bytes(g)
-    edge_b = plan(m, Settings(batch=p.max_batch + 1), g)
-    edge_s = plan(m, Settings(seq=p.max_seq + 1), g)
+    from qlora_bench.plan import SEARCH_RESOLUTION
+
+    edge_b = plan(m, Settings(batch=p.max_batch + 1), g)  # batch: exact (the resolution is one step)
+    edge_s = plan(m, Settings(seq=p.max_seq + max(1, int(p.max_seq * SEARCH_RESOLUTION)) + 1), g)
     assert p.fits and not edge_b.fits and not edge_s.fits
     from qlora_bench.plan import required_bytes
 

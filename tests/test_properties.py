@@ -23,14 +23,21 @@ configs = st.builds(
 )
 
 
+ALLOCATOR_NOISE_BYTES = 20 * 2**20
+ALLOCATOR_NOISE = 0.005
+
+
 @settings(max_examples=150, deadline=None)
 @given(models, configs, st.sampled_from(["batch", "seq"]), st.integers(1, 512))
 def test_more_tokens_never_need_less_memory(model, s, key, more):
     a = estimate(model, s)
     b = estimate(model, s.with_(**{key: getattr(s, key) + more}))
     assert b.peak_allocated_bytes >= a.peak_allocated_bytes
-    assert b.peak_reserved_bytes >= a.peak_reserved_bytes
-    assert b.peak_device_bytes >= a.peak_device_bytes
+    # The caching allocator is not monotone: a larger request may land in a cached block that smaller ones split
+    # differently, so reserved memory can drop by a segment (kLargeBuffer, 20 MiB) or a fraction of a percent.
+    slack = max(ALLOCATOR_NOISE_BYTES, round(a.peak_reserved_bytes * ALLOCATOR_NOISE))
+    assert b.peak_reserved_bytes >= a.peak_reserved_bytes - slack
+    assert b.peak_device_bytes >= a.peak_device_bytes - slack
 
 
 dense_models = st.sampled_from([n for n in model_names() if not resolve_model(n).is_moe]).map(resolve_model)

@@ -1,23 +1,29 @@
 """The analytic VRAM estimator (pure Python; imports no torch).
 
 `estimate(model, settings)` returns named components in bytes and three peaks:
-- allocated: what `torch.cuda.max_memory_allocated()` reports, the maximum over the phases of a step;
-- reserved: what `torch.cuda.max_memory_reserved()` reports (allocator caching on top of allocated);
+- allocated: what `torch.cuda.max_memory_allocated()` reports;
+- reserved: what `torch.cuda.max_memory_reserved()` reports (the caching allocator's segments);
 - device: what NVML / nvidia-smi shows for the process (reserved + CUDA context + libraries + paged states).
-Each phase lists the tensors alive at its worst moment; see the modules of this package for every term.
+Two views of one step, checked against each other: the phase model (each phase lists the tensors alive at its
+worst moment, by name: the breakdown `plan` prints) and the step's allocation program (program.py: every tensor
+in program order) replayed through the model of PyTorch's caching allocator (allocator.py), which gives the
+allocated and reserved peaks. Only what no mechanism gives is fitted (overhead.py: CUDA context, libraries).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..profiles import ModelSpec
 from ..settings import Settings
 from . import activations as act
 from .adapters import ADAPTER_DTYPE, adapter_params, adapter_tensors
+from .allocator import AllocatorConfig, Replay, replay
 from .dtypes import nbytes
 from .optimizer import OptimizerBytes, Trainable, gradient_bytes, optimizer_bytes
 from .overhead import Overheads, overheads
+from .program import program
 from .weights import WeightBytes, weight_bytes
 
 LABELS = {
@@ -37,10 +43,17 @@ LABELS = {
     "adapter_casts": "adapter bf16 copies (autocast)",
     "dequant_transient": "dequantized weight (transient)",
     "cublas_workspace": "cuBLAS workspace",
-    "allocator_reserve": "allocator cache / fragmentation",
+    "temporaries": "other temporaries",
+    "inputs": "token ids",
+    "load_transient": "loading transients",
+    "allocator_reserve": "allocator cache / fragmentation (simulated)",
     "cuda_context": "CUDA context + libraries",
     "paged_optimizer": "paged optimizer states (managed)",
 }
+
+# Live tensors of a kind smaller than this at the peak are shown as "other temporaries" (a line that would print
+# 0.00 GiB says nothing)
+SMALL_COMPONENT_BYTES = 8 * 2**20
 
 # Components allocated once (at load or at the first optimizer step) and kept for the whole run.
 PERSISTENT = (
@@ -71,6 +84,18 @@ class Estimate:
     trainable_params: int
     overheads: Overheads
     notes: list[str] = field(default_factory=list)
+    replay: Replay | None = None  # the allocator simulation (None: reserved scaled from a replayed anchor)
+    fragmentation_bytes: int = 0  # reserved peak - allocated peak: cached blocks that the peak's requests did not fit
+
+    @property
+    def phase_model_peak(self) -> str:
+        """The phase model's worst phase (the cross-check of the simulation)."""
+        return max(self.phases, key=lambda p: sum(self.phases[p].values()))
+
+    @property
+    def phase_peak_bytes(self) -> int:
+        """The phase model's allocated peak: the named tensors of its worst phase."""
+        return sum(self.phases[self.phase_model_peak].values())
 
     @property
     def resident_device_bytes(self) -> int:
@@ -92,6 +117,8 @@ class Estimate:
             "paged_bytes": self.paged_bytes,
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
+            "fragmentation_bytes": self.fragmentation_bytes,
+            "reserved_from": "allocator replay" if self.replay else "scaled from a replayed configuration",
             "calibration": self.overheads.source,
             "notes": list(self.notes),
         }
@@ -129,7 +156,11 @@ def _notes(model: ModelSpec, s: Settings, w: WeightBytes) -> list[str]:
     return notes
 
 
-def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) -> Estimate:
+def estimate(
+    model: ModelSpec, settings: Settings, ov: Overheads | None = None, anchor: Estimate | None = None
+) -> Estimate:
+    """The estimate of one configuration. `anchor`: a replayed estimate of a neighbouring configuration whose
+    simulated slack is reused instead of replaying this one (plan's searches, which verify their answer)."""
     s = settings.validated()
     ov = ov or overheads()
     w = weight_bytes(model, s)
@@ -193,6 +224,10 @@ def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) 
         },
         "optimizer step": {**steady, "gradients": grads, "optimizer_step_temp": opt.step_transient},
     }
+    if s.method == "full" and model.tie_word_embeddings:
+        # a tied weight has one AccumulateGrad node: the lm_head's gradient waits in its input buffer through the
+        # whole backward, and at the end the embedding's gradient and their out-of-place sum join it
+        phases["backward (embedding)"] = {**steady, "gradients": grads, "grads_in_flight": 2 * head_grads}
 
     def alloc_of(p: str) -> int:
         return sum(phases[p].values())
@@ -200,24 +235,36 @@ def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) 
     def dynamic_of(p: str) -> int:
         return alloc_of(p) - sum(phases[p].get(k, 0) for k in PERSISTENT)
 
-    def reserved_of(p: str, fraction: float, err: float = 0.0) -> int:
-        return round(alloc_of(p) * (1 + err) + dynamic_of(p) * fraction)
-
-    # torch's max_memory_allocated and max_memory_reserved are separate maxima over the step
-    allocated = max(alloc_of(p) for p in phases)
-    peak_phase = max(phases, key=lambda p: reserved_of(p, ov.reserve_fraction))
-    reserved = reserved_of(peak_phase, ov.reserve_fraction)
+    # the breakdown: the phase whose named tensors peak
+    peak_phase = max(phases, key=alloc_of)
     dynamic = dynamic_of(peak_phase)
+    if anchor is None:
+        rep = replayed(model, s, ov.cublas_workspace)
+        allocated, reserved = rep.peak_allocated, rep.peak_reserved
+        frag = reserved - allocated
+    else:  # a search step: the anchor's simulated slack per byte of step memory (plan replays what it reports)
+        rep = None
+        allocated = round(alloc_of(peak_phase) * anchor.peak_allocated_bytes / max(anchor.phase_peak_bytes, 1))
+        slack = (anchor.peak_reserved_bytes - anchor.peak_allocated_bytes) * dynamic / max(anchor.dynamic_bytes, 1)
+        reserved = allocated + round(slack)
+        frag = reserved - allocated
     uses_bnb = s.method == "qlora" or s.optimizer_kind in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
     context = ov.cuda_context + (ov.bnb_runtime if uses_bnb else 0)
     device = reserved + context + opt.paged
+    # the band: the mechanism's worst relative errors on the committed records, each way
+    low = round(reserved * (1 - ov.reserved_error_over)) + context - ov.context_spread_low + opt.paged
+    high = round(reserved * (1 + ov.reserved_error_under)) + context + ov.context_spread_high + opt.paged
 
-    err = ov.allocated_rel_error
-    low = max(reserved_of(p, ov.reserve_fraction_low, -err) for p in phases) + context + opt.paged
-    high = max(reserved_of(p, ov.reserve_fraction_high, err) for p in phases) + context + opt.paged
-
-    components = {k: v for k, v in phases[peak_phase].items() if v}
-    components["allocator_reserve"] = reserved - alloc_of(peak_phase)
+    if rep is not None:  # the simulated step's live tensors at its allocated peak, by what they are
+        peak_phase = rep.peak_allocated_phase or peak_phase
+        live = dict(rep.live_by_tag_at_peak)
+        small = [k for k, v in live.items() if v < SMALL_COMPONENT_BYTES and k != "temporaries"]
+        live["temporaries"] = live.get("temporaries", 0) + sum(live.pop(k) for k in small)
+        components = {k: live[k] for k in LABELS if live.get(k)}
+        components.update({k: v for k, v in live.items() if k not in components and v})
+    else:  # a search step: the phase model's tensors, scaled to the anchor's simulation
+        components = {k: v for k, v in phases[peak_phase].items() if v}
+    components["allocator_reserve"] = reserved - sum(components.values())
     components["cuda_context"] = context
     if opt.paged:
         components["paged_optimizer"] = opt.paged
@@ -232,11 +279,19 @@ def estimate(model: ModelSpec, settings: Settings, ov: Overheads | None = None) 
         dynamic_bytes=dynamic,
         peak_reserved_bytes=reserved,
         peak_device_bytes=device,
-        device_low_bytes=low,
+        device_low_bytes=min(low, device),
         device_high_bytes=max(high, device),
         paged_bytes=opt.paged,
         total_params=model.total_params + n_adapter,
         trainable_params=trainable,
         overheads=ov,
         notes=_notes(model, s, w),
+        replay=rep,
+        fragmentation_bytes=frag,
     )
+
+
+@lru_cache(maxsize=256)
+def replayed(model: ModelSpec, s: Settings, workspace: int) -> Replay:
+    """One step's allocation program through the caching-allocator model (memoized: plan asks again)."""
+    return replay(program(model, s, workspace=workspace), AllocatorConfig.parse(s.alloc_conf))

@@ -14,6 +14,10 @@ Generation's working set: the prefill of the prompt runs one layer at a time wit
 transient is the MLP (gate, up and activation outputs: 3 x intermediate) plus q, k, v and the attention output,
 for batch x prompt tokens, plus fp32 logits of the last position for sampling (generate keeps only the last
 token's logits), plus for 4-bit the dequantized weight of the largest layer.
+Reserved memory comes from replaying the serving process's allocations through the caching-allocator model
+(`serving_program`: the weights tensor by tensor, the cache layer by layer, each layer's prefill transients).
+The cache is allocated at its final length: DynamicCache's growth by concatenation during decoding (a new
+block per layer per token) is not simulated.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from ..profiles import ModelSpec
 from ..settings import Settings
 from .adapters import adapter_params
+from .allocator import replay
 from .dtypes import nbytes
 from .overhead import Overheads, overheads
 from .weights import non_quantized_params, weight_bytes
@@ -129,13 +134,56 @@ def estimate_inference(
     comps["working_set"] = working_set_bytes(model, s, inf, four_bit)
     comps["cublas_workspace"] = ov.cublas_workspace
     allocated = sum(comps.values())
-    dynamic = comps["kv_cache"] + comps["working_set"]
-    comps["allocator_reserve"] = round(dynamic * ov.reserve_fraction)
+    rep = replay(serving_program(model, s, inf, four_bit, comps))
+    comps["allocator_reserve"] = max(rep.peak_reserved - allocated, 0)
     comps["cuda_context"] = ov.cuda_context + (ov.bnb_runtime if four_bit else 0)
     notes = ["inference overheads reuse the training calibration: no inference run is measured yet"]
     if model.model_type == "gemma2":
         notes.append("Gemma-2's sliding-window layers could hold a shorter cache; DynamicCache keeps the full one")
     return InferEstimate(mode, comps, allocated, sum(comps.values()), notes)
+
+
+def serving_program(model: ModelSpec, s: Settings, inf: InferSettings, four_bit: bool, comps: dict) -> list:
+    """The serving process's allocations in order: weights per decoder layer (then the rest), adapters, the
+    cuBLAS workspace, then per layer of the prefill its cache and its transients (q, k, v, attention output,
+    gate / up / activation outputs), the logits, and the dequantized weight of the largest layer (4-bit)."""
+    L = model.num_layers
+    ev: list = []
+    key = 0
+
+    def alloc(n: int, tag: str) -> int:
+        nonlocal key
+        key += 1
+        ev.append(("alloc", key, n, tag))
+        return key
+
+    for name, total in comps.items():  # static tensors: one per layer (per-layer share), then the remainder
+        if name in ("kv_cache", "working_set", "cublas_workspace"):
+            continue
+        per = total // (L + 1)
+        for _ in range(L):
+            alloc(per, "parameters")
+        alloc(total - per * L, "parameters")
+    alloc(comps["cublas_workspace"], "workspaces")
+    c = 2
+    h, i = model.hidden_size, model.intermediate_size * model.experts_per_token
+    q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    t = inf.batch * inf.prompt
+    per_layer_cache = comps["kv_cache"] // (2 * L)
+    x = alloc(t * h * c, "activations")
+    for _ in range(L):
+        alloc(per_layer_cache, "kv_cache")
+        alloc(per_layer_cache, "kv_cache")
+        tmp = [alloc(t * n * c, "temporaries") for n in (q, kv, kv, q)]
+        if four_bit:
+            tmp.append(alloc(max(m.in_features * m.out_features for m in model.layer_modules()) * c, "temporaries"))
+        ev += [("free", k) for k in tmp]
+        tmp = [alloc(t * n * c, "temporaries") for n in (i, i, i)]
+        ev += [("free", k) for k in tmp]
+        ev.append(("free", x))
+        x = alloc(t * h * c, "activations")
+    alloc(inf.batch * model.vocab_size * 4, "temporaries")
+    return ev
 
 
 @dataclass

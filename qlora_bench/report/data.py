@@ -121,10 +121,14 @@ def calibration_table() -> list[dict]:
         ("cuBLAS workspace", gib(ov.cublas_workspace) + " GiB"),
         ("driver idle use", gib(ov.driver_idle) + " GiB"),
         (
-            "allocator slack (fraction of dynamic memory)",
-            f"{ov.reserve_fraction:.3f} ({ov.reserve_fraction_low:.3f}-{ov.reserve_fraction_high:.3f})",
+            "allocator slack",
+            "simulated (caching-allocator model); reserved peak off by at most "
+            f"-{ov.reserved_error_under:.1%} / +{ov.reserved_error_over:.1%} on the records",
         ),
-        ("safety margin per method", ", ".join(f"{k} {v:.1%}" for k, v in sorted(ov.safety_margin.items()))),
+        (
+            "safety margin per method (largest held-out under-prediction)",
+            ", ".join(f"{k} {v:.1%}" for k, v in sorted(ov.safety_margin.items())),
+        ),
         (
             "matmul efficiency",
             (
@@ -152,7 +156,7 @@ def breakdown_series(rows) -> list[dict]:
     out = []
     for x in sorted(rows, key=lambda r: r.record.id):
         e, m = x.estimate, x.record.measured
-        ph = e.phases[e.peak_phase]
+        ph = e.components
         static_e = sum(ph.get(k, 0) for k in ("weights_4bit", "quant_constants", "weights_dense", "lora_adapters"))
         opt_e = ph.get("optimizer_states", 0)
         static_m = (m.get("mem_after_load") or {}).get("allocated") or 0

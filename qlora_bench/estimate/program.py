@@ -1,0 +1,772 @@
+"""One training step as the caching allocator sees it: every tensor allocation and free, in program order.
+
+The phase model (estimate/__init__.py) sums what is alive at the worst moment of each phase; that gives the
+allocated peak but not the reserved one, which depends on the order and sizes of the requests (the caching
+allocator keeps freed blocks in segments that later requests of other sizes may not fit). This module runs the
+step the runner performs (`qlora_bench.run.train`: load, forward under autocast, loss, backward, optimizer step,
+zero_grad) on symbolic tensors and emits the events `estimate/allocator.py` replays:
+("alloc", key, nbytes, tag) / ("free", key) / ("phase", name).
+
+How it stays faithful without torch:
+- Frees follow Python's reference counting, as torch's do: a symbolic tensor frees its block when its last
+  reference goes (`Sym.__del__`), so the layer code below is written like the library code it mirrors
+  (transformers' Llama-family decoder layer, peft's LoRA layers, bitsandbytes' Linear4bit / MatMul4Bit).
+- A small autograd: each op that has an input needing a gradient records a node with the tensors its derivative
+  formula saves (torch's derivatives.yaml); backward runs nodes in reverse creation order (torch's engine picks
+  the ready node with the highest sequence number), allocates each input gradient, sums gradients that meet
+  out of place (InputBuffer), releases a node's saved tensors after it ran, and accumulates leaf gradients into
+  `.grad` (kept until zero_grad).
+- Non-reentrant gradient checkpointing keeps a layer's inputs only; the layer's backward first recomputes its
+  forward with saving on, then runs it backward.
+- autocast: 16-bit copies of fp32 inputs per use; copies of trainable fp32 leaves (LoRA weights) are cached
+  until the autocast region ends (autocast_mode.cpp: cached_casts).
+Checked against `qlora-bench trace` (the real libraries on fake CUDA tensors) in tests/test_program.py, and the
+live bytes against the phase model. The real CUDA kernels are modelled where a CPU build decomposes them
+(silu_backward is one kernel, one output).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from ..profiles import ModelSpec
+from ..settings import Settings
+from .adapters import target_modules
+from .dtypes import nbytes
+from .optimizer import BNB_8BIT_BLOCKSIZE, MIN_8BIT_SIZE, PAGED_MIN_NUMEL
+from .quantization import quantized_tensor_bytes
+
+# Tags: the estimate's component names (estimate.LABELS), so that the replay's live bytes per tag at the peak is
+# the breakdown `plan` prints.
+W4, QUANT, DENSE, ADAPTERS = "weights_4bit", "quant_constants", "weights_dense", "lora_adapters"
+GRAD, OPT, OPT_TEMP, WORK, INPUT, LOAD = (
+    "gradients",
+    "optimizer_states",
+    "optimizer_step_temp",
+    "cublas_workspace",
+    "inputs",
+    "load_transient",
+)
+ACT, RECOMPUTE, IN_FLIGHT, LOSS, HEAD_CAST, ADAPTER_CASTS, DEQUANT, TEMP = (
+    "activations",
+    "recompute_layer",
+    "grads_in_flight",
+    "loss_head",
+    "lm_head_cast",
+    "adapter_casts",
+    "dequant_transient",
+    "temporaries",
+)
+PERSISTENT_TAGS = (W4, QUANT, DENSE, ADAPTERS, OPT, WORK, INPUT)
+LSE_BYTES = 4  # flash / efficient attention: one fp32 log-sum-exp per head and token
+
+
+class Program:
+    """The event list, the key counter, the autograd state."""
+
+    def __init__(self, tokens: int):
+        self.events: list[tuple] = []
+        self.n = 0
+        self.tokens = tokens
+        self.recording = True  # grad mode with saving (False inside a checkpointed layer's first forward)
+        self.seq = 0  # node sequence numbers
+        self.autocast_cache: list | None = None  # cached 16-bit copies of trainable fp32 leaves
+        self.grads: list[Sym] = []  # trainable leaves whose .grad exists
+        self.tag = TEMP  # what new tensors are, unless said otherwise
+
+    def new(self, elems: int, eb: int, tag: str | None = None) -> Sym:
+        k = self.n
+        self.n += 1
+        self.events.append(("alloc", k, elems * eb, tag or self.tag))
+        return Sym(self, k, elems, eb)
+
+    def phase(self, name: str) -> None:
+        self.events.append(("phase", name))
+
+
+class Sym:
+    """A symbolic tensor: `elems` elements of `eb` bytes; its block is freed with the last reference."""
+
+    __slots__ = ("prog", "key", "elems", "eb", "node", "leaf", "grad")
+
+    def __init__(self, prog: Program, key: int, elems: int, eb: int):
+        self.prog, self.key, self.elems, self.eb = prog, key, elems, eb
+        self.node = None  # the autograd node that made it (None: no gradient flows to it, or a leaf)
+        self.leaf = False  # a trainable parameter: its gradient is accumulated into .grad
+        self.grad = None
+
+    @property
+    def req(self) -> bool:
+        return self.leaf or self.node is not None
+
+    def __del__(self):
+        self.prog.events.append(("free", self.key))
+
+
+class Node:
+    __slots__ = ("seq", "inputs", "saved", "backward", "tag")
+
+    def __init__(self, seq, inputs, saved, backward, tag=IN_FLIGHT):
+        self.seq, self.inputs, self.saved, self.backward = seq, inputs, saved, backward
+        self.tag = tag  # what its backward allocates: activation gradients, or the loss head's
+
+
+def op(P: Program, out: Sym, inputs: tuple, saved: tuple, backward) -> Sym:
+    """Record a node for `out` when recording and an input needs a gradient. `backward(P, g, saved)` returns
+    one gradient (or None) per input. A checkpointed layer's first forward records nothing (its saved-tensor
+    hooks drop everything); `checkpoint` gives the layer's output one node that recomputes it."""
+    if P.recording and any(t is not None and t.req for t in inputs):
+        P.seq += 1
+        # edges, as torch keeps them: the producer's node, or the leaf itself (never a non-leaf tensor)
+        edges = tuple(None if t is None or not t.req else (t if t.leaf else t.node) for t in inputs)
+        for e in edges:
+            if e is not None and e.__class__ is Param:
+                e.producers += 1
+        out.node = Node(P.seq, edges, saved, backward, LOSS if P.tag == LOSS else IN_FLIGHT)
+    return out
+
+
+class Alias(Sym):
+    """The same storage under another autograd identity (checkpoint's detached input): frees nothing itself."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: Sym):
+        super().__init__(base.prog, base.key, base.elems, base.eb)
+        self.base = base
+        self.leaf = True  # collects the gradient that flows out of the recomputed layer
+
+    def __del__(self):
+        pass
+
+
+def checkpoint(P: Program, fn, x: Sym) -> Sym:
+    """torch.utils.checkpoint (use_reentrant=False): run `fn(x)` without saving, keep `x`; in backward run it
+    again with saving on and backpropagate through the recomputed graph."""
+    P.recording = False
+    out = fn(x)
+    P.recording = True
+
+    def backward(P, g, s):
+        xa = Alias(s[0])
+        ctx, tag = P.autocast_cache, P.tag
+        P.autocast_cache, P.tag = [], RECOMPUTE  # the recompute runs in its own autocast region
+        y = fn(xa)
+        P.autocast_cache, P.tag = ctx, tag
+        run_backward(P, y, g)
+        del y, g
+        gx = xa.grad
+        xa.grad = None
+        return (gx,)
+
+    P.seq += 1
+    out.node = Node(P.seq, (None if not x.req else (x if x.leaf else x.node),), (x,), backward)
+    return out
+
+
+# ---- the autograd engine --------------------------------------------------------------------------------------
+def run_backward(P: Program, root: Sym, g: Sym) -> None:
+    """Backward from `root` with gradient `g`; trainable leaves get `.grad` (listed in P.grads when new)."""
+    buffers = {id(root.node): g}
+    nodes = {id(root.node): root.node}
+    heap = [(-root.node.seq, id(root.node))]
+    del g
+    while heap:
+        _, nid = heapq.heappop(heap)
+        node = nodes.pop(nid)
+        gout = buffers.pop(nid)
+        P.tag = node.tag
+        gins = node.backward(P, gout, node.saved)
+        node.saved = None  # release_variables(): saved tensors go once the node ran
+        del gout
+        for edge, gi in zip(node.inputs, gins, strict=True):
+            if edge is None:
+                continue
+            if isinstance(edge, Sym):
+                _deliver(P, edge, gi)
+                continue
+            if gi is None:
+                continue
+            key = id(edge)
+            if key in buffers:  # InputBuffer::accumulate: out of place
+                old = buffers[key]
+                buffers[key] = P.new(max(old.elems, gi.elems), max(old.eb, gi.eb))
+                del old
+            else:
+                buffers[key] = gi
+                nodes[key] = edge
+                heapq.heappush(heap, (-edge.seq, key))
+            del gi
+        del gins, node
+    P.tag = TEMP
+
+
+def _deliver(P: Program, leaf: Sym, g: Sym | None) -> None:
+    """A gradient for a leaf. A parameter used by several ops (tied embeddings) has one AccumulateGrad node with one
+    input buffer: the gradients wait there, summed out of place, until the last op that used it has delivered,
+    and only then become .grad (torch's engine runs a node when all its dependencies are done)."""
+    if leaf.__class__ is Param and leaf.producers > 1:
+        leaf.producers -= 1
+        if g is not None:
+            old = leaf.pending
+            leaf.pending = g if old is None else P.new(g.elems, max(old.eb, g.eb))
+            del old
+        return
+    pending = getattr(leaf, "pending", None)  # the last (or only) delivery
+    if pending is not None:
+        leaf.pending = None
+        g = pending if g is None else P.new(g.elems, max(pending.eb, g.eb))
+        del pending
+    if leaf.__class__ is Param:
+        leaf.producers = 0
+    if g is not None:
+        _accumulate(P, leaf, g)
+
+
+def _accumulate(P: Program, leaf: Sym, g: Sym) -> None:
+    """AccumulateGrad: the first gradient becomes .grad (in the parameter's dtype), later ones add in place.
+    A checkpoint's input alias only collects the gradient for the checkpoint to hand on."""
+    if not isinstance(leaf, Param):  # a checkpoint's input alias; the embedding output under peft
+        leaf.grad = g if leaf.grad is None else P.new(g.elems, g.eb)
+        return
+    if leaf.grad is None:
+        leaf.grad = g if g.eb == leaf.eb else P.new(leaf.elems, leaf.eb)
+        P.grads.append(leaf)
+
+
+# ---- ops (shapes are element counts; eb = bytes per element) -----------------------------------------------
+def cast(P: Program, x: Sym, eb: int) -> Sym:
+    """x.to(dtype): a copy when the dtype changes; its backward casts the gradient back (into .grad when x is a
+    trainable leaf: autocast's copy of an fp32 LoRA weight)."""
+    if x.eb == eb:
+        return x
+    out = P.new(x.elems, eb)
+    tag = GRAD if x.leaf else None
+    return op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e, tag),))
+
+
+def autocast_weight(P: Program, w: Sym, c: int) -> Sym:
+    """autocast's copy of an fp32 weight; trainable leaves' copies are cached until the autocast region ends."""
+    if w.eb == c:
+        return w
+    tag, P.tag = P.tag, (ADAPTER_CASTS if w.leaf else HEAD_CAST if P.tag == LOSS else P.tag)
+    out = cast(P, w, c)
+    P.tag = tag
+    if w.leaf and P.autocast_cache is not None:
+        P.autocast_cache.append(out)
+    return out
+
+
+def matmul(P: Program, x: Sym, w: Sym, rows: int, o: int, eb: int) -> Sym:
+    """x [rows, n] @ w.T [n, o]: mm keeps x for the weight's gradient and w for the input's."""
+    out = P.new(rows * o, eb)
+    saved = (x if w.req else None, w if x.req else None)
+    wtag = GRAD if (w.leaf and w.eb == eb) else None  # a 16-bit trainable weight's gradient is its .grad
+
+    def backward(P, g, s, xe=x.elems, we=w.elems, xr=x.req, wr=w.req):
+        gx = P.new(xe, eb) if xr else None
+        gw = P.new(we, eb, wtag) if wr else None
+        return gx, gw
+
+    return op(P, out, (x, w), saved, backward)
+
+
+def mul(P: Program, a: Sym, b: Sym, eb: int | None = None) -> Sym:
+    """Elementwise product (b may broadcast); each operand is kept for the other's gradient. A broadcast
+    operand's gradient is the full product summed down to its size."""
+    eb = eb or max(a.eb, b.eb)
+    n = max(a.elems, b.elems)
+    out = P.new(n, eb)
+    saved = (b if a.req else None, a if b.req else None)
+
+    def grad(P, e, b_, leaf):
+        full = P.new(n, eb)
+        if e == n and b_ == eb:
+            return full
+        return P.new(e, b_, GRAD if leaf else None)
+
+    def backward(P, g, s, ae=a.elems, be=b.elems, aeb=a.eb, beb=b.eb, ar=a.req, br=b.req, al=a.leaf, bl=b.leaf):
+        return (grad(P, ae, aeb, al) if ar else None, grad(P, be, beb, bl) if br else None)
+
+    return op(P, out, (a, b), saved, backward)
+
+
+def scale(P: Program, a: Sym) -> Sym:
+    """a * (python scalar), a + eps: nothing saved; the gradient is g * scalar (or g itself)."""
+    out = P.new(a.elems, a.eb)
+    return op(P, out, (a,), (), lambda P, g, s, n=a.elems, e=a.eb: (P.new(n, e),))
+
+
+def add(P: Program, a: Sym, b: Sym) -> Sym:
+    """a + b with dtype promotion: gradients pass through (cast when an operand's dtype differs)."""
+    eb = max(a.eb, b.eb)
+    out = P.new(max(a.elems, b.elems), eb)
+
+    def backward(P, g, s, aeb=a.eb, beb=b.eb):
+        ga = g if aeb == eb else P.new(g.elems, aeb)
+        gb = g if beb == eb else P.new(g.elems, beb)
+        return ga, gb
+
+    return op(P, out, (a, b), (), backward)
+
+
+def elementwise(P: Program, x: Sym, keep_input: bool = False, out_elems: int | None = None, eb: int | None = None):
+    """A one-input kernel (pow, silu, rsqrt, mean, softmax...); backward is one kernel producing the input
+    gradient. (A kernel that keeps its own output, as rsqrt does, is modelled by the consumer that keeps it too:
+    a node holding its own output would be a reference cycle, which torch breaks with a weak SavedVariable.)"""
+    out = P.new(x.elems if out_elems is None else out_elems, eb or x.eb)
+    return op(P, out, (x,), (x if keep_input else None,), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
+
+
+class View(Sym):
+    """Part of another tensor's storage (a slice, a chunk): allocates and frees nothing, keeps the base alive."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: Sym, elems: int):
+        super().__init__(base.prog, base.key, elems, base.eb)
+        self.base = base
+
+    def __del__(self):
+        pass
+
+
+def view(P: Program, x: Sym, elems: int) -> Sym:
+    """A slice of `x`; its backward writes the slice's gradient into a zero tensor of x's size (slice_backward)."""
+    return op(P, View(x, elems), (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
+
+
+def softmax(P: Program, x: Sym) -> Sym:
+    """softmax(dtype=float32) keeps its output (the node's reference to it is dropped when the node runs)."""
+    out = P.new(x.elems, 4)
+    node_out = op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
+    if node_out.node is not None:
+        node_out.node.saved = (out,)
+    return node_out
+
+
+def clone(P: Program, x: Sym) -> Sym:
+    out = P.new(x.elems, x.eb)
+    return op(P, out, (x,), (), lambda P, g, s: (g,))
+
+
+def dropout(P: Program, x: Sym, p: float) -> Sym:
+    """native_dropout: output + a bool mask (kept for backward; freed at once when nothing records)."""
+    if p <= 0:
+        return x
+    out = P.new(x.elems, x.eb)
+    mask = P.new(x.elems, 1)
+    return op(P, out, (x,), (mask,), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
+
+
+# ---- model blocks ---------------------------------------------------------------------------------------------
+class Layout:
+    """Sizes and dtypes of one configuration (the dtype rules are activations.py's)."""
+
+    def __init__(self, model: ModelSpec, s: Settings):
+        self.m, self.s = model, s
+        self.T = s.tokens_per_step
+        self.c = nbytes(s.compute_dtype)
+        self.autocast = self.c < 4
+        self.qlora, self.full = s.method == "qlora", s.method == "full"
+        upcast = self.qlora and s.upcast_non_quantized
+        self.dense = 4 if (upcast or s.compute_dtype == "fp32") else self.c  # embeddings, norms, lm_head
+        self.targets = {m.name for m in target_modules(model, s)} if s.uses_adapters else set()
+        self.modules = model.layer_modules()
+        # bitsandbytes converts nn.Linear only: fused MoE experts stay dense (and fp32 after peft's upcast)
+        self.quantized = {m.name for m in self.modules if m.is_linear} if self.qlora else set()
+
+
+def rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
+    """LlamaRMSNorm: h = x.to(fp32); h * rsqrt(h.pow(2).mean(-1) + eps); weight * h.to(input dtype)."""
+    T = L.T
+    h32 = cast(P, x, 4)
+    var = elementwise(P, h32, keep_input=True)  # pow(2)
+    var2 = elementwise(P, var, out_elems=T)  # mean(-1): its backward expands to the full size
+    del var
+    var3 = scale(P, var2)  # + eps
+    del var2
+    rs = elementwise(P, var3, keep_input=True)  # rsqrt
+    del var3
+    y = mul(P, h32, rs)
+    del rs, h32
+    y = cast(P, y, x.eb)
+    return mul(P, w, y)
+
+
+def linear(P: Program, L: Layout, x: Sym, W: dict, name: str, n: int, o: int) -> Sym:
+    """One projection: the base layer and, when targeted, peft's LoRA branch (scaled, added out of place)."""
+    c, T = L.c, L.T
+    w = W[name]
+    if name in L.quantized:  # Linear4bit.forward: x.to(compute dtype); MatMul4Bit; result.to(input dtype)
+        xc = cast(P, x, c)
+        out = _matmul_4bit(P, xc, n, o, c, T)
+        del xc
+        out = cast(P, out, x.eb)
+    else:
+        xc = cast(P, x, c) if L.autocast else x
+        out = matmul(P, xc, autocast_weight(P, w, c) if L.autocast else w, T, o, c if L.autocast else w.eb)
+        del xc
+    if name not in L.targets:
+        return out
+    if name in L.quantized:
+        out = clone(P, out)  # peft bnb.Linear4bit: "defensively clone" the base result
+    a, b = W[name + ".lora_A"], W[name + ".lora_B"]
+    d = dropout(P, x, L.s.dropout)
+    dc = cast(P, d, c) if L.autocast else d
+    del d
+    e = c if L.autocast else 4
+    h = matmul(P, dc, autocast_weight(P, a, c) if L.autocast else a, T, L.s.rank, e)
+    del dc
+    h2 = matmul(P, h, autocast_weight(P, b, c) if L.autocast else b, T, o, e)
+    del h
+    h3 = scale(P, h2)
+    del h2
+    return add(P, out, h3)
+
+
+def _matmul_4bit(P: Program, x: Sym, n: int, o: int, c: int, T: int) -> Sym:
+    """bitsandbytes MatMul4Bit: gemm_4bit forward; backward dequantizes the whole weight to the compute dtype
+    (`F.dequantize_4bit(B, ctx.state).to(grad_output.dtype)`, bitsandbytes/autograd/_functions.py) and
+    multiplies; the frozen weight needs no gradient."""
+    out = P.new(T * o, c)
+
+    def backward(P, g, s):
+        wd = P.new(n * o, c, DEQUANT)
+        gx = P.new(T * n, c)
+        del wd
+        return (gx,)
+
+    return op(P, out, (x,), (), backward)
+
+
+def rope(P: Program, x: Sym) -> Sym:
+    """apply_rotary_pos_emb: x * cos + rotate_half(x) * sin (rotate_half: cat(-x2, x1)); cos/sin need no
+    gradient, so nothing sized by x is kept; backward: the two products' gradients and the cat's slices."""
+    n = x.elems
+    a = P.new(n, x.eb)  # x * cos
+    ng = P.new(n // 2, x.eb)  # -x2
+    cat = P.new(n, x.eb)
+    del ng
+    b = P.new(n, x.eb)  # rotate_half(x) * sin
+    del cat
+    out = P.new(n, x.eb)
+    del a, b
+
+    def backward(P, g, s, e=x.eb):
+        m = P.new(n, e)  # g * sin
+        ng = P.new(n // 2, e)
+        s1 = P.new(n, e)  # slice_backward
+        del ng
+        s2 = P.new(n, e)
+        del m
+        r = P.new(n, e)  # their sum
+        del s1, s2
+        c = P.new(n, e)  # g * cos
+        gx = P.new(n, e)
+        del r, c
+        return (gx,)
+
+    return op(P, out, (x,), (), backward)
+
+
+def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym) -> Sym:
+    """sdpa as a GPU runs it (flash for 16-bit without a mask, memory-efficient otherwise: sdp_utils.cpp), or
+    transformers' eager attention (scores and probabilities materialized)."""
+    m, T, c = L.m, L.T, L.c
+    a, kvh, seq = m.num_heads, m.num_kv_heads, L.s.seq
+    qc, kc, vc = (cast(P, t, c) for t in (q, k, v)) if L.autocast else (q, k, v)
+    if L.s.attn != "eager":
+        out = P.new(q.elems, qc.eb)
+        lse = P.new(T * a, LSE_BYTES)
+
+        def backward(P, g, s, qe=q.elems, ke=k.elems):
+            gq = P.new(qe, qc.eb)
+            gk = P.new(ke, qc.eb)
+            gv = P.new(ke, qc.eb)
+            return gq, gk, gv
+
+        res = op(P, out, (qc, kc, vc), (qc, kc, vc, lse), backward)
+        # flash keeps its output for backward: it is the result itself (kept alive by o_proj's LoRA input)
+        return res
+    # eager_attention_forward: repeat_kv, q @ k^T * scaling, + causal mask, softmax(fp32), .to(q dtype), @ v
+    rep = a // kvh
+    kr = elementwise(P, kc, out_elems=kc.elems * rep) if rep > 1 else kc
+    vr = elementwise(P, vc, out_elems=vc.elems * rep) if rep > 1 else vc
+    scores_n = L.s.batch * a * seq * seq
+    sc = matmul(P, qc, kr, 1, scores_n, qc.eb)
+    sc2 = scale(P, sc)
+    del sc
+    if m.attn_logit_softcapping:
+        sc3 = elementwise(P, scale(P, sc2), keep_input=True)  # tanh(scores / cap) * cap
+        sc2 = scale(P, sc3)
+        del sc3
+    msk = scale(P, sc2)  # + causal mask
+    del sc2
+    pr = softmax(P, msk)  # softmax(dim=-1, dtype=float32)
+    del msk
+    pr16 = cast(P, pr, qc.eb)
+    del pr
+    out = matmul(P, pr16, vr, 1, q.elems, qc.eb)
+    del pr16, kr, vr
+    return clone(P, out)  # attn_output.transpose(1, 2).contiguous()
+
+
+def mlp(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
+    """down(act(gate(x)) * up(x)) (SwiGLU; Phi-3 fuses gate and up; a MoE layer runs k experts per token,
+    modelled as one MLP of k times the width)."""
+    m = L.m
+    h, i = m.hidden_size, m.intermediate_size * m.experts_per_token
+    if m.model_type == "phi3" or m.is_moe:  # one fused gate_up output; chunk(2) gives two views of it
+        name = "gate_up_proj" if m.model_type == "phi3" else "experts.gate_up_proj"
+        gu = linear(P, L, x, W, name, h, 2 * i)
+        g, u = view(P, gu, L.T * i), view(P, gu, L.T * i)
+        del gu
+    else:
+        g = linear(P, L, x, W, "gate_proj", h, i)
+        u = None
+    act = elementwise(P, g, keep_input=True)  # silu / gelu keep their input
+    del g
+    if u is None:
+        u = linear(P, L, x, W, "up_proj", h, i)
+    p = mul(P, act, u)
+    del act, u
+    return linear(P, L, p, W, "experts.down_proj" if m.is_moe else "down_proj", i, h)
+
+
+def decoder_layer(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
+    m = L.m
+    h, qd, kvd = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    hn = rmsnorm(P, L, x, W["input_layernorm"])
+    if m.model_type == "phi3":
+        qkv = linear(P, L, hn, W, "qkv_proj", h, qd + 2 * kvd)
+        q, k, v = (view(P, qkv, L.T * n) for n in (qd, kvd, kvd))  # slices of one output
+        del qkv
+    else:
+        q = linear(P, L, hn, W, "q_proj", h, qd)
+        k = linear(P, L, hn, W, "k_proj", h, kvd)
+        v = linear(P, L, hn, W, "v_proj", h, kvd)
+    del hn
+    q, k = rope(P, q), rope(P, k)
+    a = attention(P, L, q, k, v)
+    del q, k, v
+    o = linear(P, L, a, W, "o_proj", qd, h)
+    del a
+    if m.model_type == "gemma2":
+        o = rmsnorm(P, L, o, W["post_attention_layernorm"])
+    x = add(P, x, o)
+    del o
+    hn = rmsnorm(P, L, x, W["pre_feedforward_layernorm" if m.model_type == "gemma2" else "post_attention_layernorm"])
+    y = mlp(P, L, hn, W)
+    del hn
+    if m.model_type == "gemma2":
+        y = rmsnorm(P, L, y, W["post_feedforward_layernorm"])
+    return add(P, x, y)
+
+
+# ---- the model, the step, the run ------------------------------------------------------------------------------
+class Param(Sym):
+    """A parameter (trainable or not); trainable ones collect .grad. `producers`: ops recorded since the last
+    backward that will deliver a gradient to it; `pending`: their sum so far (AccumulateGrad's input buffer)."""
+
+    __slots__ = ("producers", "pending")
+
+    def __init__(self, prog: Program, key: int, elems: int, eb: int):
+        super().__init__(prog, key, elems, eb)
+        self.producers = 0
+        self.pending = None
+
+
+def _param(P: Program, elems: int, eb: int, trainable: bool, tag: str = DENSE) -> Param:
+    k = P.n
+    P.n += 1
+    P.events.append(("alloc", k, elems * eb, tag))
+    p = Param(P, k, elems, eb)
+    p.leaf = trainable
+    return p
+
+
+def _load_dtype(L: Layout) -> int:
+    """The dtype the runner draws weights in: the compute dtype (bf16 for fp32 compute's 4-bit source)."""
+    return 4 if L.s.compute_dtype == "fp32" else L.c
+
+
+def _quantize(P: Program, L: Layout, n: int, o: int) -> list:
+    """qlora_bench.run.materialize._quantize_linear: a 16-bit weight drawn on the device, quantize_4bit (packed +
+    fp32 absmax; double quantization quantizes absmax again and frees the fp32 one), the 16-bit weight freed."""
+    s = L.s
+    w16 = P.new(n * o, 2, LOAD)
+    q = quantized_tensor_bytes(n * o, s.blocksize, s.double_quant)
+    packed = _param(P, -(-(n * o) // 2), 1, False, W4)
+    absmax = P.new(-(-(n * o) // s.blocksize), 4, QUANT)
+    keep = [packed]
+    if s.double_quant:  # uint8 absmax, nested fp32 absmax, codes, offset (quantization.py)
+        keep.append(P.new(q.constants, 1, QUANT))
+        del absmax
+    else:
+        keep.append(absmax)
+        keep.append(P.new(q.constants - 4 * -(-(n * o) // s.blocksize), 1, QUANT))  # the 4-bit code table
+    del w16
+    return keep
+
+
+def load(P: Program, L: Layout) -> tuple[dict, list, Param]:
+    """The runner's build (materialize.build_model: module by module), peft's kbit preparation and adapters.
+    Returns per-layer weights, the keep-alive list, and the embedding/lm_head/final-norm weights."""
+    m, s = L.m, L.s
+    h, V = m.hidden_size, m.vocab_size
+    ld = _load_dtype(L)
+    full = L.full
+    embed = _param(P, V * h, ld, full)
+    layers, keep = [], []
+    for _ in range(m.num_layers):
+        W = {}
+        for mod in L.modules:
+            n, o = mod.in_features, mod.out_features * mod.count
+            if L.qlora and mod.is_linear:
+                keep += _quantize(P, L, n, o)
+                W[mod.name] = None
+            else:
+                W[mod.name] = _param(P, n * o, ld, full)
+            if mod.bias:
+                keep.append(_param(P, o, ld, full))
+        for name in _norm_names(m):
+            W[name] = _param(P, h, ld, full)
+        layers.append(W)
+    final_norm = _param(P, h, ld, full)
+    head = embed if m.tie_word_embeddings else _param(P, V * h, ld, full)
+    if L.qlora and L.dense == 4 and ld != 4:  # prepare_model_for_kbit_training: param.data.to(float32)
+        embed = _upcast(P, embed)
+        for W in layers:
+            for name in list(W):
+                if W[name] is not None:
+                    W[name] = _upcast(P, W[name])
+        final_norm = _upcast(P, final_norm)
+        head = embed if m.tie_word_embeddings else _upcast(P, head)
+        P.events.append(("empty_cache",))  # peft (auto_clear_cache): "Release CUDA allocator cache after bulk casts"
+    if s.uses_adapters:  # peft: lora_A [r, in], lora_B [out, r] per targeted module, fp32, in module order
+        for W in layers:
+            for mod in L.modules:
+                if mod.name in L.targets:
+                    r = s.rank * (2 if mod.name.endswith("gate_up_proj") and mod.group == "expert" else 1)
+                    r *= mod.count
+                    W[mod.name + ".lora_A"] = _param(P, r * mod.in_features, 4, True, ADAPTERS)
+                    W[mod.name + ".lora_B"] = _param(P, mod.out_features * r, 4, True, ADAPTERS)
+    return {"layers": layers, "embed": embed, "head": head, "norm": final_norm, "keep": keep}
+
+
+def _upcast(P: Program, p: Param) -> Param:
+    new = _param(P, p.elems, 4, p.leaf)
+    return new  # the 16-bit one goes when the caller rebinds
+
+
+def _norm_names(m: ModelSpec) -> list[str]:
+    if m.model_type == "gemma2":
+        return [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ]
+    return ["input_layernorm", "post_attention_layernorm"]
+
+
+def forward_loss(P: Program, L: Layout, M: dict, ids: Sym, workspace: int) -> Sym:
+    """model(input_ids=x, labels=x).loss under autocast; the output's 16-bit logits go with the output object."""
+    m, T, c = L.m, L.T, L.c
+    h, V = m.hidden_size, m.vocab_size
+    s = L.s
+    P.autocast_cache = [] if L.autocast else None
+    if workspace and not P.workspace_done:  # cuBLAS takes its workspace from the caching allocator on first use
+        P.workspace = P.new(workspace, 1, WORK)
+        P.workspace_done = True
+    emb = M["embed"]
+    P.tag = ACT  # what the forward allocates and is still alive at a backward peak: kept for backward
+    x = P.new(T * h, emb.eb)  # embedding lookup
+    x = op(P, x, (emb,), (), lambda P, g, s, n=emb.elems, e=emb.eb: (P.new(n, e, GRAD),))
+    if s.uses_adapters and s.gradient_checkpointing:
+        x.leaf = True  # peft's enable_input_require_grads: the embedding output requires grad
+    for W in M["layers"]:
+        if s.gradient_checkpointing:
+            x = checkpoint(P, lambda t, W=W: decoder_layer(P, L, t, W), x)
+        else:
+            x = decoder_layer(P, L, x, W)
+    P.tag = LOSS  # the final norm, the logits and the cross-entropy, forward and backward
+    hn = rmsnorm(P, L, x, M["norm"])
+    del x
+    head = M["head"]
+    hc = cast(P, hn, c) if L.autocast else hn
+    del hn
+    logits = matmul(P, hc, autocast_weight(P, head, c) if L.autocast else head, T, V, c if L.autocast else head.eb)
+    del hc
+    if m.final_logit_softcapping:  # logits / cap; tanh; * cap
+        logits = scale(P, elementwise(P, scale(P, logits), keep_input=True))
+    # ForCausalLMLoss: logits.float(); cross_entropy = log_softmax (keeps its output) + nll_loss
+    f = cast(P, logits, 4)
+    lp = softmax(P, f)
+    del f
+    loss = P.new(1, 4)
+    loss = op(P, loss, (lp,), (), lambda P, g, s, n=lp.elems: (P.new(n, 4),))
+    del lp
+    P.autocast_cache = None  # autocast region ends: cached casts go (those saved for backward stay)
+    del logits  # the model output (and its 16-bit logits) is dropped once .loss is taken
+    P.tag = TEMP
+    return loss
+
+
+def optimizer_step(P: Program, L: Layout, params: list, state: list, first: bool) -> None:
+    """optimizer.step(): states on the first step (torch AdamW: exp_avg, exp_avg_sq like the parameter;
+    bitsandbytes 8-bit: uint8 states + fp32 absmax per 256, paged ones outside this allocator); the foreach
+    AdamW's temporary list (sqrt of exp_avg_sq) for the step."""
+    kind = L.s.optimizer_kind
+    if first:
+        for p in params:
+            n = p.elems
+            if kind in ("adamw_torch", "adamw_torch_fused"):
+                state += [P.new(n, p.eb, OPT), P.new(n, p.eb, OPT)]
+                if kind == "adamw_torch_fused":
+                    state.append(P.new(1, 4, OPT))
+            elif kind in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+                paged = kind.startswith("paged") and n >= PAGED_MIN_NUMEL
+                eight = kind.endswith("8bit") and n >= MIN_8BIT_SIZE
+                if not paged:
+                    state += [P.new(n, 1 if eight else 4, OPT), P.new(n, 1 if eight else 4, OPT)]
+                if eight:
+                    blocks = -(-n // BNB_8BIT_BLOCKSIZE)
+                    state += [P.new(blocks, 4, OPT), P.new(blocks, 4, OPT)]
+            elif kind == "adafactor":
+                state.append(P.new(n if n < 1 << 20 else int(n**0.5) * 2, p.eb, OPT))
+    if kind == "adamw_torch":
+        tmp = [P.new(p.elems, p.eb, OPT_TEMP) for p in params]
+        del tmp
+
+
+def program(model: ModelSpec, s: Settings, workspace: int = 0, steps: int = 2) -> list[tuple]:
+    """The allocation events of load + `steps` optimizer steps of the runner's loop (2: the second step starts
+    from the first one's cached blocks and optimizer states, which is where peaks settle)."""
+    L = Layout(model, s)
+    P = Program(L.T)
+    P.workspace_done = False
+    P.phase("load")
+    M = load(P, L)
+    ids = P.new(L.T, 8, INPUT)  # int64 token ids
+    P.events.append(("reset_peaks",))  # the runner measures training only (run/train.py)
+    trainable = None
+    state: list = []
+    for step in range(steps):
+        for _ in range(s.grad_accum):
+            P.phase(f"forward {step}")
+            loss = forward_loss(P, L, M, ids, workspace)
+            P.phase(f"backward {step}")
+            g = P.new(1, 4)  # ones_like(loss)
+            run_backward(P, loss, g)
+            del loss, g
+        if trainable is None:
+            trainable = list(P.grads)  # optimizer order: parameters as they got gradients (same set)
+        P.phase(f"optimizer {step}")
+        optimizer_step(P, L, trainable, state, first=step == 0)
+        P.phase(f"zero_grad {step}")
+        for p in P.grads:
+            p.grad = None
+        P.grads = []
+    return P.events

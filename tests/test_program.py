@@ -1,0 +1,170 @@
+"""The step's allocation program (estimate/program.py) replayed through the allocator model (allocator.py).
+
+What is asserted, and against what:
+- every committed H100 record: the simulated allocated peak within 1 % and the reserved peak within 3 % of what
+  torch measured (the issue's targets), values read from results/ (nothing measured is written here);
+- the program's bookkeeping: keys freed once, every tensor of a step freed by the end of the step except what
+  persists (weights, optimizer states, the workspace), checkpoints = one layer input per layer;
+- the phase model (the breakdown plan prints) and the program agree on the allocated peak;
+- the load phase allocates exactly the bytes the weight formulas give (weights.py, quantization.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from qlora_bench.estimate import estimate, replayed
+from qlora_bench.estimate.allocator import replay
+from qlora_bench.estimate.overhead import overheads
+from qlora_bench.estimate.program import ACT, ADAPTERS, DENSE, GRAD, PERSISTENT_TAGS, QUANT, W4, program
+from qlora_bench.estimate.weights import weight_bytes
+from qlora_bench.profiles import resolve_model
+from qlora_bench.results import load_records
+from qlora_bench.settings import Settings
+
+ALLOCATED_TARGET = 0.01
+RESERVED_TARGET = 0.03
+
+
+def _gpu_records():
+    return [
+        r
+        for r in load_records()
+        if r.data.get("kind") == "train"
+        and r.ok
+        and r.measured.get("peak_allocated_bytes")
+        and r.measured.get("peak_reserved_bytes")
+    ]
+
+
+RECORDS = _gpu_records()
+
+
+def test_there_are_records_to_check():
+    assert len(RECORDS) >= 10
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.id)
+def test_simulated_peaks_match_the_measured_run(record):
+    e = estimate(record.model_spec(), record.settings)
+    m = record.measured
+    assert abs(e.peak_allocated_bytes / m["peak_allocated_bytes"] - 1) <= ALLOCATED_TARGET
+    assert abs(e.peak_reserved_bytes / m["peak_reserved_bytes"] - 1) <= RESERVED_TARGET
+
+
+def _walk(events):
+    live, sizes, tags, freed = {}, {}, {}, set()
+    for ev in events:
+        if ev[0] == "alloc":
+            _, k, n, tag = ev
+            assert k not in live and k not in freed, f"key {k} allocated twice"
+            live[k], sizes[k], tags[k] = n, n, tag
+        elif ev[0] == "free":
+            assert ev[1] in live, f"key {ev[1]} freed but not live"
+            freed.add(ev[1])
+            del live[ev[1]]
+    return live, sizes, tags
+
+
+CASES = [
+    Settings(),
+    Settings(gradient_checkpointing=False),
+    Settings(method="lora", optimizer="adamw_torch_fused", batch=2, seq=512),
+    Settings(method="full", optimizer="adamw_torch", seq=256, attn="eager"),
+    Settings(upcast_non_quantized=False, double_quant=False, compute_dtype="fp16"),
+    Settings(grad_accum=2, seq=256),
+]
+
+
+@pytest.mark.parametrize("s", CASES, ids=lambda s: s.describe())
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "phi-3-mini", "qwen2.5-0.5b", "gemma-2-9b"])
+def test_a_step_frees_everything_but_what_persists(name, s):
+    """After the last zero_grad only weights, quantization state, optimizer states, the workspace and the token
+    ids are live; no key is freed twice or freed before it was allocated."""
+    live, sizes, tags = _walk(program(resolve_model(name), s, workspace=1 << 20))
+    left = {tags[k] for k in live}
+    assert left <= set(PERSISTENT_TAGS), left
+    assert GRAD not in left and ACT not in left
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_load_allocates_the_weights_the_formulas_give(method):
+    """The parameters and quantization state alive after load equal weights.py's bytes (4-bit packed, constants,
+    dense) plus the adapters."""
+    model = resolve_model("llama-3.2-1b")
+    s = Settings(method=method, optimizer="adamw_torch_fused" if method != "qlora" else "paged_adamw_8bit")
+    events = program(model, s, workspace=0)
+    cut = next(i for i, ev in enumerate(events) if ev[0] == "reset_peaks")
+    live, sizes, tags = _walk(events[:cut])
+    w = weight_bytes(model, s)
+    params = sum(sizes[k] for k in live if tags[k] in (W4, QUANT, DENSE))
+    assert params == w.total
+    adapters = sum(sizes[k] for k in live if tags[k] == ADAPTERS)
+    assert adapters == estimate(model, s).phases["loss"].get("lora_adapters", 0)
+
+
+def test_checkpointing_keeps_one_layer_input_per_layer():
+    """With non-reentrant checkpointing, at the end of the forward only the layer inputs are kept per layer:
+    tokens x hidden x residual bytes (fp32 on the QLoRA path), as activations.checkpoint_bytes says."""
+    model = resolve_model("llama-3.2-1b")
+    s = Settings(seq=512)
+    events = program(model, s, workspace=0, steps=1)
+    cut = next(i for i, ev in enumerate(events) if ev[0] == "phase" and ev[1].startswith("backward"))
+    live, sizes, tags = _walk(events[:cut])
+    per_layer = s.tokens_per_step * model.hidden_size * 4
+    kept = sorted(sizes[k] for k in live if sizes[k] == per_layer)
+    assert len(kept) >= model.num_layers  # the embedding output and each layer's output
+
+
+GRID = list(
+    itertools.product(
+        ["llama-3.2-1b", "mistral-7b", "qwen2.5-7b", "phi-3-mini", "gemma-2-9b", "mixtral-8x7b"],
+        ["qlora", "lora", "full"],
+        [True, False],
+        ["sdpa", "eager"],
+    )
+)
+
+
+@pytest.mark.parametrize("name,method,gc,attn", GRID)
+def test_the_phase_model_and_the_program_agree_on_the_allocated_peak(name, method, gc, attn):
+    """Two independent accountings of the same step: the phase model sums named terms at each phase's worst
+    moment; the program emits every tensor. They agree within 5 % (where they differ, `trace` arbitrates:
+    see the cross-check table in results/crosscheck/)."""
+    opt = "paged_adamw_8bit" if method == "qlora" else "adamw_torch_fused"
+    s = Settings(method=method, optimizer=opt, gradient_checkpointing=gc, attn=attn, seq=1024)
+    e = estimate(resolve_model(name), s)
+    phase_peak = max(sum(v.values()) for v in e.phases.values())
+    assert abs(e.peak_allocated_bytes / phase_peak - 1) < 0.05
+
+
+def test_expandable_segments_never_reserve_more_here():
+    """On the step that fragments most among these (QLoRA, 4 x 4096), expandable segments reserve less."""
+    model = resolve_model("llama-3.1-8b")
+    ws = overheads().cublas_workspace
+    plain = replayed(model, Settings(batch=4, seq=4096), ws)
+    grown = replayed(model, Settings(batch=4, seq=4096, alloc_conf="expandable_segments:True"), ws)
+    assert grown.peak_allocated == plain.peak_allocated
+    assert grown.peak_reserved < plain.peak_reserved
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "mistral-7b"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_the_breakdown_is_the_simulated_peak(name, method):
+    """plan's breakdown is the replay's live tensors by kind at the allocated peak: with the allocator's cache,
+    the context and the paged states it sums to the device peak, and the tensors alone to the allocated peak."""
+    s = Settings(method=method, optimizer="paged_adamw_8bit" if method == "qlora" else "adamw_torch_fused")
+    e = estimate(resolve_model(name), s)
+    outside = ("allocator_reserve", "cuda_context", "paged_optimizer")
+    assert sum(e.components.values()) == e.peak_device_bytes
+    assert sum(v for k, v in e.components.items() if k not in outside) == e.peak_allocated_bytes
+    assert e.components["allocator_reserve"] == e.peak_reserved_bytes - e.peak_allocated_bytes >= 0
+
+
+def test_replay_is_deterministic():
+    model = resolve_model("llama-3.2-1b")
+    a = replay(program(model, Settings(), workspace=123))
+    b = replay(program(model, Settings(), workspace=123))
+    assert (a.peak_allocated, a.peak_reserved, a.n_events) == (b.peak_allocated, b.peak_reserved, b.n_events)
