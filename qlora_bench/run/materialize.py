@@ -120,6 +120,12 @@ def build_model(spec: ModelSpec, s: Settings, device, progress=None):
                 new = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=True)
                 _init_param(name, parent, new, std)
                 setattr(parent, name, new)
+        for bname, buf in list(parent.named_buffers(recurse=False)):
+            # transformers 5.x Gemma-2/3 TextScaledWordEmbedding: a non-persistent 0-d `embed_scale` buffer made
+            # from the float kept beside it as `scalar_embed_scale`
+            scalar = getattr(parent, f"scalar_{bname}", None)
+            if buf is not None and buf.is_meta and scalar is not None:
+                parent.register_buffer(bname, torch.tensor(scalar, dtype=buf.dtype, device=device), persistent=False)
         if type(parent).__name__.endswith("RotaryEmbedding"):
             # non-persistent buffers (inv_freq) are computed at construction: build this one on the device
             fresh = type(parent)(config=model.config)

@@ -129,11 +129,36 @@ def _step_text(step: int, opts: RunOptions, step_seconds: list[float]) -> str:
     return f"timed step {timed + 1}{of}{last}"
 
 
+def _no_mark(phase: str) -> None:
+    pass
+
+
+def train_step(model, opt, x, s: Settings, device, mark=_no_mark):
+    """One optimizer step (LOOP): grad_accum micro-batches of forward under autocast + backward, then the optimizer
+    step and zero_grad. Returns the summed loss as a tensor. `mark(phase)` hears "fwd", "bwd", "opt" and "zero" as
+    each part starts (qlora_bench.trace records the step's allocations by phase)."""
+    import torch
+
+    autocast = s.compute_dtype != "fp32"
+    loss_sum = 0.0
+    for _ in range(s.grad_accum):
+        mark("fwd")
+        with torch.autocast(device.type, dtype=torch_dtype(s.compute_dtype), enabled=autocast):
+            loss = model(input_ids=x, labels=x).loss / s.grad_accum
+        mark("bwd")
+        loss.backward()
+        loss_sum += loss.detach()
+    mark("opt")
+    opt.step()
+    mark("zero")
+    opt.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 def _train_loop(model, opt, x, s: Settings, opts: RunOptions, device, nvml, m: dict, config_id: str, say: Say):
     import torch
 
     _start_training_measurement(nvml, m)
-    autocast = s.compute_dtype != "fp32"
     step_seconds, losses = [], []
     t_timed = None
     step = 0
@@ -146,14 +171,7 @@ def _train_loop(model, opt, x, s: Settings, opts: RunOptions, device, nvml, m: d
         say(_step_text(step, opts, step_seconds))
         _inject_fault(config_id, "step")
         t0 = time.perf_counter()
-        loss_sum = 0.0
-        for _ in range(s.grad_accum):
-            with torch.autocast(device.type, dtype=torch_dtype(s.compute_dtype), enabled=autocast):
-                loss = model(input_ids=x, labels=x).loss / s.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_sum = train_step(model, opt, x, s, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_seconds.append(round(time.perf_counter() - t0, 6))
@@ -281,10 +299,24 @@ def run_config(
         return _run_config(spec, s, opts, config_id, nvml, progress or silent)
 
 
+def _allocator_settings(s: Settings) -> Settings:
+    """The caching allocator runs with the settings' alloc_conf; without one, with whatever PYTORCH_CUDA_ALLOC_CONF
+    this process has, which the record then says (plan models it: estimate/allocator.py)."""
+    import torch
+
+    conf = s.alloc_conf or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if s.alloc_conf:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = s.alloc_conf  # read when the allocator first runs
+        setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+        if torch.cuda.is_available() and setter:  # already running in this process: torch can switch most keys
+            setter(s.alloc_conf)
+    return s.with_(alloc_conf=conf).validated() if conf != s.alloc_conf else s
+
+
 def _run_config(spec: ModelSpec, s: Settings, opts: RunOptions, config_id: str, nvml, say: Say) -> dict:
     import torch
 
-    s = s.validated()
+    s = _allocator_settings(s.validated())
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     nvml = nvml if nvml is not None else (probes.try_nvml() if cuda else None)
