@@ -1,4 +1,11 @@
-"""Properties over random configurations (hypothesis)."""
+"""Properties over random configurations (hypothesis).
+
+Each estimate replays a whole training step through the allocator model (tenths of a second for a 70B model, and
+plan replays several), so CI draws a few dozen examples; `QLORA_BENCH_PROPERTY_EXAMPLES` multiplies them
+(nox -s fuzz: 10).
+"""
+
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -7,6 +14,13 @@ from qlora_bench.estimate import estimate
 from qlora_bench.plan import plan, usable_bytes
 from qlora_bench.profiles import gpu_names, model_names, resolve_gpu, resolve_model
 from qlora_bench.settings import OPTIMIZERS, Settings
+
+SCALE = float(os.environ.get("QLORA_BENCH_PROPERTY_EXAMPLES", "1"))
+
+
+def examples(n: int) -> int:
+    return max(1, round(n * SCALE))
+
 
 models = st.sampled_from(model_names()).map(resolve_model)
 configs = st.builds(
@@ -27,7 +41,7 @@ ALLOCATOR_NOISE_BYTES = 20 * 2**20
 ALLOCATOR_NOISE = 0.005
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(models, configs, st.sampled_from(["batch", "seq"]), st.integers(1, 512))
 def test_more_tokens_never_need_less_memory(model, s, key, more):
     a = estimate(model, s)
@@ -43,7 +57,7 @@ def test_more_tokens_never_need_less_memory(model, s, key, more):
 dense_models = st.sampled_from([n for n in model_names() if not resolve_model(n).is_moe]).map(resolve_model)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(dense_models, configs)
 def test_weights_qlora_lt_lora_lt_full_total(model, s):
     q = estimate(model, s.with_(method="qlora"))
@@ -53,7 +67,7 @@ def test_weights_qlora_lt_lora_lt_full_total(model, s):
     assert weights(q) < weights(lo) < f.peak_allocated_bytes
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(models, configs, st.sampled_from(gpu_names() + ["24gb", "48gb", "2x24gb"]))
 def test_fits_agrees_with_peak_and_gpu(model, s, gpu_name):
     gpu = resolve_gpu(gpu_name)

@@ -18,7 +18,7 @@ from functools import lru_cache
 from ..profiles import ModelSpec
 from ..settings import Settings
 from . import activations as act
-from .adapters import ADAPTER_DTYPE, adapter_params, adapter_tensors
+from .adapters import ADAPTER_DTYPE, adapter_params, adapter_tensors, target_modules
 from .allocator import AllocatorConfig, Replay, replay
 from .dtypes import nbytes
 from .optimizer import OptimizerBytes, Trainable, gradient_bytes, optimizer_bytes
@@ -44,6 +44,10 @@ LABELS = {
     "dequant_transient": "dequantized weight (transient)",
     "cublas_workspace": "cuBLAS workspace",
     "temporaries": "other temporaries",
+    # trace's categories (plan --trace)
+    "parameters": "parameters and buffers",
+    "quant_state": "quantization constants",
+    "workspaces": "cuBLAS / attention workspaces",
     "inputs": "token ids",
     "load_transient": "loading transients",
     "allocator_reserve": "allocator cache / fragmentation (simulated)",
@@ -150,6 +154,16 @@ def _notes(model: ModelSpec, s: Settings, w: WeightBytes) -> list[str]:
             + ("16-bit and prepare_model_for_kbit_training casts them to fp32" if s.upcast_non_quantized else "16-bit")
             + f" ({sum(m.weight_params for m in model.layer_modules() if not m.is_linear) * model.num_layers / 1e9:.1f}"
             " B parameters)"
+        )
+    if (
+        model.is_moe
+        and s.uses_adapters
+        and s.dropout > 0
+        and any(m.group == "expert" for m in target_modules(model, s))
+    ):
+        notes.append(
+            "peft 0.21 refuses LoRA dropout on fused MoE experts (lora.ParamWrapper): train with --dropout 0, or "
+            "--targets attn to leave the experts alone"
         )
     if model.model_type == "gemma2" and s.attn == "sdpa":
         notes.append("Gemma-2: sdpa drops attention logit softcapping (transformers 5.23 refuses it); eager is exact")

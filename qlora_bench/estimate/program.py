@@ -373,8 +373,25 @@ class Layout:
         self.dense = 4 if (upcast or s.compute_dtype == "fp32") else self.c  # embeddings, norms, lm_head
         self.targets = {m.name for m in target_modules(model, s)} if s.uses_adapters else set()
         self.modules = model.layer_modules()
+        self.windowed = windowed_layers(model, s)
         # bitsandbytes converts nn.Linear only: fused MoE experts stay dense (and fp32 after peft's upcast)
         self.quantized = {m.name for m in self.modules if m.is_linear} if self.qlora else set()
+
+
+def windowed_layers(model: ModelSpec, s: Settings) -> set[int]:
+    """Layers whose sliding window the sequence reaches (transformers then builds and passes a mask, under sdpa
+    too): Mistral's, Phi-3's, Mixtral's and Qwen2's (with use_sliding_window) every layer, Gemma-2's even
+    (local) ones."""
+    window = model.config.get("sliding_window")
+    if not window or s.seq < window:
+        return set()
+    if model.model_type in ("mistral", "phi3", "mixtral") or (
+        model.model_type == "qwen2" and model.config.get("use_sliding_window")
+    ):
+        return set(range(model.num_layers))
+    if model.model_type == "gemma2":
+        return set(range(0, model.num_layers, 2))
+    return set()
 
 
 def rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
@@ -470,46 +487,59 @@ def rope(P: Program, x: Sym) -> Sym:
     return op(P, out, (x,), (), backward)
 
 
-def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym) -> Sym:
-    """sdpa as a GPU runs it (flash for 16-bit without a mask, memory-efficient otherwise: sdp_utils.cpp), or
-    transformers' eager attention (scores and probabilities materialized)."""
+def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = False) -> Sym:
+    """sdpa as a GPU runs it (sdp_utils.cpp on sm80/sm90: flash for 16-bit without a mask, with GQA; memory-
+    efficient with a mask, after transformers repeats k and v to every head since it passes enable_gqa only
+    without a mask), or transformers' eager attention (scores and probabilities materialized). `windowed`: a
+    sliding-window layer whose window the sequence reaches, which gets a mask (masking_utils keeps the mask
+    unless kv_length < the window)."""
     m, T, c = L.m, L.T, L.c
-    a, kvh, seq = m.num_heads, m.num_kv_heads, L.s.seq
+    a, kvh, seq, b = m.num_heads, m.num_kv_heads, L.s.seq, L.s.batch
+    rep = a // kvh
     qc, kc, vc = (cast(P, t, c) for t in (q, k, v)) if L.autocast else (q, k, v)
-    if L.s.attn != "eager":
+    if L.s.attn != "eager" and not windowed:
         out = P.new(q.elems, qc.eb)
         lse = P.new(T * a, LSE_BYTES)
 
         def backward(P, g, s, qe=q.elems, ke=k.elems):
-            gq = P.new(qe, qc.eb)
-            gk = P.new(ke, qc.eb)
-            gv = P.new(ke, qc.eb)
-            return gq, gk, gv
+            return P.new(qe, qc.eb), P.new(ke, qc.eb), P.new(ke, qc.eb)
 
-        res = op(P, out, (qc, kc, vc), (qc, kc, vc, lse), backward)
-        # flash keeps its output for backward: it is the result itself (kept alive by o_proj's LoRA input)
-        return res
-    # eager_attention_forward: repeat_kv, q @ k^T * scaling, + causal mask, softmax(fp32), .to(q dtype), @ v
-    rep = a // kvh
-    kr = elementwise(P, kc, out_elems=kc.elems * rep) if rep > 1 else kc
+        # flash keeps q, k, v, its output and the log-sum-exp (the node holding its own output is a cycle that
+        # running the node breaks; a checkpointed forward records no node)
+        return op(P, out, (qc, kc, vc), (qc, kc, vc, out, lse), backward)
+    kr = elementwise(P, kc, out_elems=kc.elems * rep) if rep > 1 else kc  # repeat_kv
     vr = elementwise(P, vc, out_elems=vc.elems * rep) if rep > 1 else vc
-    scores_n = L.s.batch * a * seq * seq
-    sc = matmul(P, qc, kr, 1, scores_n, qc.eb)
+    if L.s.attn != "eager":
+        # memory-efficient attention: the bool mask converted to an additive one per call
+        # (convert_boolean_attn_mask), kept for backward with q, k, v, the output and a log-sum-exp padded to 32
+        bias = P.new(b * seq * seq, qc.eb)
+        out = P.new(q.elems, qc.eb)
+        lse = P.new(b * a * -(-seq // 32) * 32, LSE_BYTES)
+
+        def backward(P, g, s, qe=q.elems):
+            return P.new(qe, qc.eb), P.new(qe, qc.eb), P.new(qe, qc.eb)
+
+        return op(P, out, (qc, kr, vr), (qc, kr, vr, out, lse, bias), backward)
+    # eager_attention_forward: q @ k^T * scaling, + mask, softmax(dtype=fp32) (a cast, then the softmax),
+    # .to(q dtype), @ v, transpose(1, 2).contiguous()
+    sc = matmul(P, qc, kr, 1, b * a * seq * seq, qc.eb)
     sc2 = scale(P, sc)
     del sc
     if m.attn_logit_softcapping:
         sc3 = elementwise(P, scale(P, sc2), keep_input=True)  # tanh(scores / cap) * cap
         sc2 = scale(P, sc3)
         del sc3
-    msk = scale(P, sc2)  # + causal mask
+    msk = scale(P, sc2)  # + the mask
     del sc2
-    pr = softmax(P, msk)  # softmax(dim=-1, dtype=float32)
+    f = cast(P, msk, 4)
     del msk
+    pr = softmax(P, f)
+    del f
     pr16 = cast(P, pr, qc.eb)
     del pr
     out = matmul(P, pr16, vr, 1, q.elems, qc.eb)
     del pr16, kr, vr
-    return clone(P, out)  # attn_output.transpose(1, 2).contiguous()
+    return clone(P, out)
 
 
 def mlp(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
@@ -534,7 +564,7 @@ def mlp(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
     return linear(P, L, p, W, "experts.down_proj" if m.is_moe else "down_proj", i, h)
 
 
-def decoder_layer(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
+def decoder_layer(P: Program, L: Layout, x: Sym, W: dict, windowed: bool = False) -> Sym:
     m = L.m
     h, qd, kvd = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     hn = rmsnorm(P, L, x, W["input_layernorm"])
@@ -548,7 +578,7 @@ def decoder_layer(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
         v = linear(P, L, hn, W, "v_proj", h, kvd)
     del hn
     q, k = rope(P, q), rope(P, k)
-    a = attention(P, L, q, k, v)
+    a = attention(P, L, q, k, v, windowed)
     del q, k, v
     o = linear(P, L, a, W, "o_proj", qd, h)
     del a
@@ -686,11 +716,18 @@ def forward_loss(P: Program, L: Layout, M: dict, ids: Sym, workspace: int) -> Sy
     x = op(P, x, (emb,), (), lambda P, g, s, n=emb.elems, e=emb.eb: (P.new(n, e, GRAD),))
     if s.uses_adapters and s.gradient_checkpointing:
         x.leaf = True  # peft's enable_input_require_grads: the embedding output requires grad
-    for W in M["layers"]:
+    # what every layer takes besides the hidden states, kept (as checkpointed layers' inputs) through backward:
+    # the mask (eager: an additive one in the compute dtype; sliding-window sdpa: bool) and rotary cos / sin
+    b, S = s.batch, s.seq
+    P.shared = [P.new(T * m.head_dim, x.eb) for _ in range(2)]
+    if s.attn == "eager" or L.windowed:
+        P.shared.append(P.new(b * S * S, c if s.attn == "eager" else 1))
+    for i, W in enumerate(M["layers"]):
+        win = i in L.windowed
         if s.gradient_checkpointing:
-            x = checkpoint(P, lambda t, W=W: decoder_layer(P, L, t, W), x)
+            x = checkpoint(P, lambda t, W=W, win=win: decoder_layer(P, L, t, W, win), x)
         else:
-            x = decoder_layer(P, L, x, W)
+            x = decoder_layer(P, L, x, W, win)
     P.tag = LOSS  # the final norm, the logits and the cross-entropy, forward and backward
     hn = rmsnorm(P, L, x, M["norm"])
     del x
@@ -761,6 +798,7 @@ def program(model: ModelSpec, s: Settings, workspace: int = 0, steps: int = 2) -
             g = P.new(1, 4)  # ones_like(loss)
             run_backward(P, loss, g)
             del loss, g
+            P.shared = []
         if trainable is None:
             trainable = list(P.grads)  # optimizer order: parameters as they got gradients (same set)
         P.phase(f"optimizer {step}")
