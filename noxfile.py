@@ -40,7 +40,8 @@ def fuzz(session: nox.Session) -> None:
     """More generated bad input than CI runs: nox -s fuzz (20,000 examples; QLORA_BENCH_FUZZ_EXAMPLES to change)."""
     _install_cpu(session)
     session.env.setdefault("QLORA_BENCH_FUZZ_EXAMPLES", os.environ.get("QLORA_BENCH_FUZZ_EXAMPLES", "20000"))
-    session.run("pytest", "tests/test_fuzz_inputs.py", "-q", *session.posargs)
+    session.env.setdefault("QLORA_BENCH_PROPERTY_EXAMPLES", os.environ.get("QLORA_BENCH_PROPERTY_EXAMPLES", "10"))
+    session.run("pytest", "tests/test_fuzz_inputs.py", "tests/test_properties.py", "-q", *session.posargs)
 
 
 @nox.session
@@ -89,3 +90,12 @@ def report(session: nox.Session) -> None:
     """Regenerate report/ from the committed results (Markdown + self-contained HTML)."""
     _install_cpu(session, extras="test,report")
     session.run("qlora-bench", "report", "results", "-o", "report")
+
+
+@nox.session
+def crosscheck(session: nox.Session) -> None:
+    """The analytic estimator against `trace` on the full grid (CPU, about an hour on 2 cores; resumes where it
+    stopped): writes results/crosscheck/grid.json and grid.md, which are committed."""
+    _install_cpu(session)
+    session.run("qlora-bench", "crosscheck", "--grid", "full", "--jobs", os.environ.get("QLORA_BENCH_JOBS", "2"),
+                *session.posargs)

@@ -153,7 +153,15 @@ def cmd_plan(a: argparse.Namespace) -> int:
     model = resolve_model(a.model)
     gpu = resolve_gpu(a.gpu)
     methods = ["full", "lora", "qlora"] if a.method == "all" else [a.method]
-    plans = [plan(model, settings_from_args(a, m), gpu, epoch_tokens=a.epoch_tokens) for m in methods]
+    traced = None
+    if a.trace:
+        _need_train_extra()
+        from .trace import trace
+
+        def traced(spec, s):
+            return trace(spec, s, steps=a.trace_steps)
+
+    plans = [plan(model, settings_from_args(a, m), gpu, epoch_tokens=a.epoch_tokens, traced=traced) for m in methods]
     if a.json:
         out = [p.to_dict() for p in plans]
         print(_json(out if a.method == "all" else out[0]))
@@ -685,6 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=100_000_000,
         help="tokens in one epoch of your data, for the predicted time per epoch (default 100M; 1.5B works)",
     )
+    sp.add_argument(
+        "--trace",
+        action="store_true",
+        help="answer with `qlora-bench trace` (the real libraries on fake CUDA tensors; train extra, seconds) "
+        "instead of the estimator's step program; searches and suggestions still use the estimator",
+    )
+    sp.add_argument("--trace-steps", type=flags.count(1, 20), default=2, help="steps traced with --trace (default 2)")
     _add_calibration_arg(sp)
     sp.add_argument("--json", action="store_true", help="print JSON (a list for --method all)")
     sp.set_defaults(func=cmd_plan)

@@ -367,8 +367,38 @@ def _throughput(p: Plan, model: ModelSpec, s: Settings, gpu: GpuSpec) -> None:
         p.mfu = mfu(model, s, gpu, p.tokens_per_sec)[0]
 
 
-def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_000_000) -> Plan:
+def from_trace(e: Estimate, t) -> Estimate:
+    """The estimate with `trace`'s peaks and breakdown (a TraceResult) in place of the step program's."""
+    from dataclasses import replace
+
+    comps = {k: v for k, v in t.breakdown.items() if v}
+    comps["allocator_reserve"] = t.peak_reserved_bytes - sum(comps.values())
+    comps["cuda_context"] = t.context_bytes
+    if t.paged_bytes:
+        comps["paged_optimizer"] = t.paged_bytes
+    return replace(
+        e,
+        peak_allocated_bytes=t.peak_allocated_bytes,
+        peak_reserved_bytes=t.peak_reserved_bytes,
+        peak_device_bytes=t.peak_device_bytes,
+        paged_bytes=t.paged_bytes,
+        components=comps,
+        peak_phase=t.peak_allocated_phase or e.peak_phase,
+        device_low_bytes=min(e.device_low_bytes, t.peak_device_bytes),
+        device_high_bytes=max(e.device_high_bytes, t.peak_device_bytes),
+        notes=[
+            *e.notes,
+            f"answered by trace ({t.versions.get('torch', '?')}, {t.steps} steps, {t.seconds.get('wall', 0):.0f} s); "
+            f"the estimator said {e.peak_device_bytes / 2**30:.2f} GiB on the device",
+        ],
+    )
+
+
+def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_000_000, traced=None) -> Plan:
+    """`traced(model, settings)`: a TraceResult to answer with instead of the estimator (plan --trace)."""
     e = estimate(model, s)
+    if traced is not None:
+        e = from_trace(e, traced(model, s))
     usable = usable_bytes(gpu)
     ok = _fits(e, usable)
     verdict = "does not fit" if not ok else ("tight" if _tight(e, usable) else "fits")

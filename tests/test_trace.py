@@ -376,3 +376,20 @@ def test_cli_json_events_and_plot(capsys, tmp_path):
     assert ops[next(e[1] for e in ev if e[3:] == ("workspaces",))] == "cublas_workspace"
     if plot in [Path(a) for a in argv]:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_shim
+def test_plan_answers_with_the_trace():
+    """plan --trace: the verdict and peaks come from the trace (the estimator's figure is in a note)."""
+    import contextlib
+    import io
+
+    argv = ["plan", "--model", "qwen2.5-0.5b", "--gpu", "24gb", "--seq", "256", "--trace", "--json"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    d = json.loads(out.getvalue())
+    assert any(n.startswith("answered by trace") for n in d["notes"])
+    assert sum(d["components"].values()) == d["peak_device_bytes"]
+    t = trace(resolve_model("qwen2.5-0.5b"), Settings(seq=256), steps=2)
+    assert d["peak_reserved_bytes"] == t.peak_reserved_bytes
