@@ -420,7 +420,8 @@ def cmd_crosscheck(a: argparse.Namespace) -> int:
     from . import crosscheck
     from .errors import check_output_file
 
-    out = check_output_file(a.out, "crosscheck output (--out)")
+    default = f"results/crosscheck/{'grid' if a.grid == 'full' else a.grid}.json"
+    out = check_output_file(a.out or default, "crosscheck output (--out)")
     cases = crosscheck.grid(a.grid)
 
     def progress(row: dict) -> None:
@@ -892,9 +893,17 @@ def build_parser() -> argparse.ArgumentParser:
         "crosscheck",
         help="the analytic estimator against `trace` on a grid of configurations (CPU, no GPU; train extra)",
     )
-    sp.add_argument("--grid", type=flags.choice(("smoke", "full")), default="smoke", help="smoke (4) or full (>200)")
     sp.add_argument(
-        "--out", default="results/crosscheck/grid.json", help="rows (one JSON document); a .md summary beside it"
+        "--grid",
+        type=flags.choice(("smoke", "full", "records")),
+        default="smoke",
+        help="smoke (4 cases), full (240) or records (the committed GPU records' configurations, with their "
+        "measurements)",
+    )
+    sp.add_argument(
+        "--out",
+        help="rows (one JSON document), a .md summary beside it (default results/crosscheck/<grid>.json; "
+        "full: grid.json)",
     )
     sp.add_argument("--jobs", type=_bounded_jobs, default=1, help="traces at once (each is a process)")
     sp.set_defaults(func=cmd_crosscheck)

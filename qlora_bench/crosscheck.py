@@ -53,8 +53,35 @@ def _moe_dropout(model: str, method: str) -> dict:
     return {"dropout": 0.0} if method != "full" and resolve_model(model).is_moe else {}
 
 
+def record_cases() -> list[Case]:
+    """The configurations of the committed GPU records with memory peaks (one case per distinct configuration)."""
+    from .results import committed_results_dir, load_records
+
+    cases = {}
+    for r in load_records(committed_results_dir(), kind="train"):
+        if r.ok and r.measured.get("peak_reserved_bytes"):
+            c = Case(r.model, r.settings)
+            cases.setdefault(c.id, c)
+    return list(cases.values())
+
+
+def with_measured(row: dict) -> dict:
+    """A records-grid row with the H100 measurements of its configuration (every record of it)."""
+    from .results import committed_results_dir, load_records
+
+    measured = [
+        {k: r.measured[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes")} | {"id": r.id}
+        for r in load_records(committed_results_dir(), kind="train")
+        if r.ok and r.measured.get("peak_reserved_bytes") and Case(r.model, r.settings).id == row["case"]
+    ]
+    return {**row, "measured": measured}
+
+
 def grid(name: str = "full") -> list[Case]:
-    """`smoke`: four cheap cases for CI; `full`: the committed grid (>= 200 cases)."""
+    """`smoke`: four cheap cases for CI; `full`: the committed grid (>= 200 cases); `records`: the committed GPU
+    records' configurations (trace and estimator against the measurements)."""
+    if name == "records":
+        return record_cases()
     if name == "smoke":
         return [
             Case("qwen2.5-0.5b", _settings("qlora", seq=256)),
@@ -63,11 +90,13 @@ def grid(name: str = "full") -> list[Case]:
             Case("llama-3.2-1b", _settings("qlora", seq=256, double_quant=False, upcast_non_quantized=False)),
         ]
     if name != "full":
-        raise InputError(f"grid {name!r}: expected smoke or full")
+        raise InputError(f"grid {name!r}: expected smoke, full or records")
     cases = []
     for model, method, gc, attn, (b, s) in itertools.product(
         FAMILIES, ("qlora", "lora", "full"), (True, False), ("sdpa", "eager"), SIZES
     ):
+        if attn == "sdpa" and resolve_model(model).model_type == "gemma2":
+            attn = "flash_attention_2"  # transformers 5.23 refuses sdpa for Gemma-2 (its logit softcapping)
         kw = _moe_dropout(model, method)
         cases.append(Case(model, _settings(method, gradient_checkpointing=gc, attn=attn, batch=b, seq=s, **kw)))
     for model, (b, s) in itertools.product(FAMILIES, SIZES[:2]):  # QLoRA variants
@@ -144,7 +173,9 @@ def run(cases: list[Case], out: Path, jobs: int = 1, progress=None, grid_name: s
     todo = [c for c in cases if c.id not in rows]  # untraced or failed rows are traced again
 
     def one(c: Case) -> dict:
-        row = check(c)
+        row = check(c, steps=3 if grid_name == "records" else 2)
+        if grid_name == "records":
+            row = with_measured(row)
         if progress:
             progress(row)
         return row
@@ -204,6 +235,23 @@ def summary_markdown(rows: list[dict]) -> str:
                 f"{r['allocated_diff']:+.2%} | {r['analytic']['reserved'] / g:.2f} | {r['trace']['reserved'] / g:.2f}"
                 f" | {r['reserved_diff']:+.2%} |"
             )
+    measured = [r for r in rows if r.get("measured") and r.get("trace")]
+    if measured:
+        lines += [
+            "",
+            "## Against the measured runs (peak / measured - 1; every record of the configuration)",
+            "",
+            "| configuration | record | trace allocated | trace reserved | analytic allocated | analytic reserved |",
+            "|---|---|--:|--:|--:|--:|",
+        ]
+        for r in measured:
+            for m in r["measured"]:
+                a, res = m["peak_allocated_bytes"], m["peak_reserved_bytes"]
+                lines.append(
+                    f"| {r['case']} | {m['id']} | {r['trace']['allocated'] / a - 1:+.2%} | "
+                    f"{r['trace']['reserved'] / res - 1:+.2%} | {r['analytic']['allocated'] / a - 1:+.2%} | "
+                    f"{r['analytic']['reserved'] / res - 1:+.2%} |"
+                )
     failed = [r for r in rows if not r.get("trace")]
     if failed:
         lines += ["", "Not traced:", ""] + [f"- {r['case']}: {r['error']}" for r in failed]

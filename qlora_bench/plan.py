@@ -7,9 +7,10 @@ the estimator under-predicted a measured device peak of that method when that re
 (calibration.json), so that "fits" can be trusted. The usable memory is the board's total minus what the driver
 itself uses on an idle GPU.
 
-Every number `plan` reports comes from a replay of the step through the caching-allocator model. Searches
-(largest batch, longest sequence, which change fits) first step with the slack of a replayed neighbour
-(`estimate(..., anchor=)`, milliseconds), then replay what they report and step back if it does not fit.
+The verdict, the peaks, the breakdown, the largest batch / sequence and every suggestion that fits (or nearly)
+come from a replay of the step through the caching-allocator model. Searches first step with the slack of a
+replayed neighbour (`estimate(..., anchor=)`, milliseconds), then replay what they report; suggestions that are
+far from fitting print that quicker figure.
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def _candidate_changes(
         c.append(
             (
                 f"train with PYTORCH_CUDA_ALLOC_CONF={conf} (the allocator grows segments instead of caching "
-                f"fixed ones; {current.fragmentation_bytes / 2**30:.2f} GiB were cached but unusable at the peak)",
+                f"fixed ones; its reserved peak is {current.fragmentation_bytes / 2**30:.2f} GiB above the "
+                "allocated one)",
                 f"--alloc-conf {conf}",
                 s.with_(alloc_conf=conf),
             )
@@ -384,6 +386,7 @@ def from_trace(e: Estimate, t) -> Estimate:
         paged_bytes=t.paged_bytes,
         components=comps,
         peak_phase=t.peak_allocated_phase or e.peak_phase,
+        fragmentation_bytes=t.peak_reserved_bytes - t.peak_allocated_bytes,
         device_low_bytes=min(e.device_low_bytes, t.peak_device_bytes),
         device_high_bytes=max(e.device_high_bytes, t.peak_device_bytes),
         notes=[

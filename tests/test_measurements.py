@@ -73,8 +73,11 @@ def test_record_architecture_matches_profile():
 
 
 def test_committed_calibration_is_a_fresh_fit():
+    from qlora_bench.crosscheck import read_rows
+
     committed = json.loads(CALIBRATION_FILE.read_text())
-    assert fit(load_records(RESULTS_DIR)) == committed
+    grid = read_rows(RESULTS_DIR / "crosscheck" / "grid.json")
+    assert fit(load_records(RESULTS_DIR), crosscheck_rows=grid) == committed
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/measurements not beside this checkout")

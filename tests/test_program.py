@@ -83,7 +83,9 @@ CASES = [
 def test_a_step_frees_everything_but_what_persists(name, s):
     """After the last zero_grad only weights, quantization state, optimizer states, the workspace and the token
     ids are live; no key is freed twice or freed before it was allocated."""
-    live, sizes, tags = _walk(program(resolve_model(name), s, workspace=1 << 20))
+    events = program(resolve_model(name), s, workspace=1 << 20)
+    end = events.index(("phase", "end"))
+    live, sizes, tags = _walk(events[:end])
     left = {tags[k] for k in live}
     assert left <= set(PERSISTENT_TAGS), left
     assert GRAD not in left and ACT not in left
@@ -161,6 +163,11 @@ def test_the_breakdown_is_the_simulated_peak(name, method):
     assert sum(e.components.values()) == e.peak_device_bytes
     assert sum(v for k, v in e.components.items() if k not in outside) == e.peak_allocated_bytes
     assert e.components["allocator_reserve"] == e.peak_reserved_bytes - e.peak_allocated_bytes >= 0
+
+
+def test_the_end_frees_everything():
+    live, _, _ = _walk(program(resolve_model("llama-3.2-1b"), Settings(), workspace=1 << 20))
+    assert not live
 
 
 def test_replay_is_deterministic():

@@ -42,10 +42,10 @@ class Overheads:
     # the simulated reserved peak's worst relative under- and over-prediction on the committed records: the band
     reserved_error_under: float
     reserved_error_over: float
-    driver_idle: int
+    driver_idle: int  # NVML `used` on an idle GPU before any process (ECC, driver): not usable by training
     # how far above / below the fitted medians the context (+ bitsandbytes' runtime) was measured: the band
     context_spread_high: int
-    context_spread_low: int  # NVML `used` on an idle GPU before any process (ECC, driver): not usable by training
+    context_spread_low: int
     allocated_rel_error: float  # worst relative error of the analytic allocated peak on the fitted records
     calibrated: bool
     source: str

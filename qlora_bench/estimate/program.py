@@ -64,15 +64,17 @@ LSE_BYTES = 4  # flash / efficient attention: one fp32 log-sum-exp per head and 
 class Program:
     """The event list, the key counter, the autograd state."""
 
-    def __init__(self, tokens: int):
+    def __init__(self):
         self.events: list[tuple] = []
         self.n = 0
-        self.tokens = tokens
         self.recording = True  # grad mode with saving (False inside a checkpointed layer's first forward)
         self.seq = 0  # node sequence numbers
         self.autocast_cache: list | None = None  # cached 16-bit copies of trainable fp32 leaves
         self.grads: list[Sym] = []  # trainable leaves whose .grad exists
         self.tag = TEMP  # what new tensors are, unless said otherwise
+        self.trainable: list = []  # trainable parameters, as created
+        self.shared: list = []  # what every layer takes besides the hidden states (rotary cos / sin, mask)
+        self.workspace = None  # cuBLAS's, allocated at the first matmul
 
     def new(self, elems: int, eb: int, tag: str | None = None) -> Sym:
         k = self.n
@@ -177,7 +179,7 @@ def run_backward(P: Program, root: Sym, g: Sym) -> None:
         gout = buffers.pop(nid)
         P.tag = node.tag
         gins = node.backward(P, gout, node.saved)
-        node.saved = None  # release_variables(): saved tensors go once the node ran
+        node.saved = node.backward = None  # release_variables(): what the node held goes once it ran
         del gout
         for edge, gi in zip(node.inputs, gins, strict=True):
             if edge is None:
@@ -201,6 +203,13 @@ def run_backward(P: Program, root: Sym, g: Sym) -> None:
     P.tag = TEMP
 
 
+def _grad_tag(param: Sym | None) -> str | None:
+    """A parameter's gradient is .grad (gradients) unless it waits to be summed with another (a tied weight)."""
+    if param is None:
+        return None
+    return IN_FLIGHT if getattr(param, "producers", 0) > 1 else GRAD
+
+
 def _deliver(P: Program, leaf: Sym, g: Sym | None) -> None:
     """A gradient for a leaf. A parameter used by several ops (tied embeddings) has one AccumulateGrad node with one
     input buffer: the gradients wait there, summed out of place, until the last op that used it has delivered,
@@ -209,13 +218,13 @@ def _deliver(P: Program, leaf: Sym, g: Sym | None) -> None:
         leaf.producers -= 1
         if g is not None:
             old = leaf.pending
-            leaf.pending = g if old is None else P.new(g.elems, max(old.eb, g.eb))
+            leaf.pending = g if old is None else P.new(g.elems, max(old.eb, g.eb), IN_FLIGHT)
             del old
         return
     pending = getattr(leaf, "pending", None)  # the last (or only) delivery
     if pending is not None:
         leaf.pending = None
-        g = pending if g is None else P.new(g.elems, max(pending.eb, g.eb))
+        g = pending if g is None else P.new(g.elems, max(pending.eb, g.eb), GRAD)  # the sum becomes .grad
         del pending
     if leaf.__class__ is Param:
         leaf.producers = 0
@@ -261,11 +270,11 @@ def matmul(P: Program, x: Sym, w: Sym, rows: int, o: int, eb: int) -> Sym:
     """x [rows, n] @ w.T [n, o]: mm keeps x for the weight's gradient and w for the input's."""
     out = P.new(rows * o, eb)
     saved = (x if w.req else None, w if x.req else None)
-    wtag = GRAD if (w.leaf and w.eb == eb) else None  # a 16-bit trainable weight's gradient is its .grad
+    param = w if (w.__class__ is Param and w.eb == eb) else None  # its gradient becomes .grad as it is
 
     def backward(P, g, s, xe=x.elems, we=w.elems, xr=x.req, wr=w.req):
         gx = P.new(xe, eb) if xr else None
-        gw = P.new(we, eb, wtag) if wr else None
+        gw = P.new(we, eb, _grad_tag(param)) if wr else None
         return gx, gw
 
     return op(P, out, (x, w), saved, backward)
@@ -383,7 +392,7 @@ def windowed_layers(model: ModelSpec, s: Settings) -> set[int]:
     too): Mistral's, Phi-3's, Mixtral's and Qwen2's (with use_sliding_window) every layer, Gemma-2's even
     (local) ones."""
     window = model.config.get("sliding_window")
-    if not window or s.seq < window:
+    if not window or s.seq < window or s.attn == "flash_attention_2":  # FA2 applies the window itself, no mask
         return set()
     if model.model_type in ("mistral", "phi3", "mixtral") or (
         model.model_type == "qwen2" and model.config.get("use_sliding_window")
@@ -429,7 +438,11 @@ def linear(P: Program, L: Layout, x: Sym, W: dict, name: str, n: int, o: int) ->
     if name in L.quantized:
         out = clone(P, out)  # peft bnb.Linear4bit: "defensively clone" the base result
     a, b = W[name + ".lora_A"], W[name + ".lora_B"]
-    d = dropout(P, x, L.s.dropout)
+    # peft's lora.Linear casts the adapter input to the adapter's dtype (fp32: `_cast_input_dtype`), bnb's
+    # Linear4bit skips that under autocast; autocast then copies the (dropped-out) input to 16-bit for lora_A
+    xa = x if name in L.quantized else cast(P, x, 4)
+    d = dropout(P, xa, L.s.dropout)
+    del xa
     dc = cast(P, d, c) if L.autocast else d
     del d
     e = c if L.autocast else 4
@@ -501,8 +514,8 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
         out = P.new(q.elems, qc.eb)
         lse = P.new(T * a, LSE_BYTES)
 
-        def backward(P, g, s, qe=q.elems, ke=k.elems):
-            return P.new(qe, qc.eb), P.new(ke, qc.eb), P.new(ke, qc.eb)
+        def backward(P, g, s, qe=q.elems, ke=k.elems, eb=qc.eb):  # defaults, not a closure over qc
+            return P.new(qe, eb), P.new(ke, eb), P.new(ke, eb)
 
         # flash keeps q, k, v, its output and the log-sum-exp (the node holding its own output is a cycle that
         # running the node breaks; a checkpointed forward records no node)
@@ -516,8 +529,8 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
         out = P.new(q.elems, qc.eb)
         lse = P.new(b * a * -(-seq // 32) * 32, LSE_BYTES)
 
-        def backward(P, g, s, qe=q.elems):
-            return P.new(qe, qc.eb), P.new(qe, qc.eb), P.new(qe, qc.eb)
+        def backward(P, g, s, qe=q.elems, eb=qc.eb):
+            return P.new(qe, eb), P.new(qe, eb), P.new(qe, eb)
 
         return op(P, out, (qc, kr, vr), (qc, kr, vr, out, lse, bias), backward)
     # eager_attention_forward: q @ k^T * scaling, + mask, softmax(dtype=fp32) (a cast, then the softmax),
@@ -599,20 +612,26 @@ class Param(Sym):
     """A parameter (trainable or not); trainable ones collect .grad. `producers`: ops recorded since the last
     backward that will deliver a gradient to it; `pending`: their sum so far (AccumulateGrad's input buffer)."""
 
-    __slots__ = ("producers", "pending")
+    __slots__ = ("producers", "pending", "shape", "order")
 
     def __init__(self, prog: Program, key: int, elems: int, eb: int):
         super().__init__(prog, key, elems, eb)
         self.producers = 0
         self.pending = None
+        self.shape = None  # (rows, cols) of a matrix (Adafactor factors its second moment over them)
+        self.order = ()  # its place in model.parameters(), the order optimizers create their states in
 
 
-def _param(P: Program, elems: int, eb: int, trainable: bool, tag: str = DENSE) -> Param:
+def _param(
+    P: Program, elems: int, eb: int, trainable: bool, tag: str = DENSE, shape=None, order: tuple = ()
+) -> Param:
     k = P.n
     P.n += 1
     P.events.append(("alloc", k, elems * eb, tag))
     p = Param(P, k, elems, eb)
-    p.leaf = trainable
+    p.leaf, p.shape, p.order = trainable, shape, order
+    if trainable:
+        P.trainable.append(p)
     return p
 
 
@@ -647,47 +666,51 @@ def load(P: Program, L: Layout) -> tuple[dict, list, Param]:
     h, V = m.hidden_size, m.vocab_size
     ld = _load_dtype(L)
     full = L.full
-    embed = _param(P, V * h, ld, full)
-    layers, keep = [], []
-    for _ in range(m.num_layers):
+    embed = _param(P, V * h, ld, full, shape=(V, h), order=(0,))
+    layers = []
+    for i in range(m.num_layers):
         W = {}
-        for mod in L.modules:
+        for j, mod in enumerate(L.modules):
             n, o = mod.in_features, mod.out_features * mod.count
             if L.qlora and mod.is_linear:
-                keep += _quantize(P, L, n, o)
                 W[mod.name] = None
+                W[mod.name + ".4bit"] = _quantize(P, L, n, o)
             else:
-                W[mod.name] = _param(P, n * o, ld, full)
-            if mod.bias:
-                keep.append(_param(P, o, ld, full))
-        for name in _norm_names(m):
-            W[name] = _param(P, h, ld, full)
+                W[mod.name] = _param(P, n * o, ld, full, shape=(o, n), order=(1 + i, j))
+            if mod.bias:  # kept by the module; the symbolic forward adds no bias (a vector per token is small)
+                W[mod.name + ".bias"] = _param(P, o, ld, full, order=(1 + i, j, 2))
+        for k, name in enumerate(_norm_names(m)):
+            W[name] = _param(P, h, ld, full, order=(1 + i, len(L.modules) + k))
         layers.append(W)
-    final_norm = _param(P, h, ld, full)
-    head = embed if m.tie_word_embeddings else _param(P, V * h, ld, full)
-    if L.qlora and L.dense == 4 and ld != 4:  # prepare_model_for_kbit_training: param.data.to(float32)
-        embed = _upcast(P, embed)
-        for W in layers:
-            for name in list(W):
-                if W[name] is not None:
-                    W[name] = _upcast(P, W[name])
-        final_norm = _upcast(P, final_norm)
-        head = embed if m.tie_word_embeddings else _upcast(P, head)
+    final_norm = _param(P, h, ld, full, order=(m.num_layers + 1,))
+    head = embed if m.tie_word_embeddings else _param(P, V * h, ld, full, shape=(V, h), order=(m.num_layers + 2,))
+    if L.qlora and s.upcast_non_quantized:  # prepare_model_for_kbit_training
+        if L.dense == 4 and ld != 4:  # param.data = param.data.to(torch.float32), parameter by parameter
+            embed = _upcast(P, embed)
+            for W in layers:
+                for name in list(W):
+                    if isinstance(W[name], Param):
+                        W[name] = _upcast(P, W[name])
+            final_norm = _upcast(P, final_norm)
+            head = embed if m.tie_word_embeddings else _upcast(P, head)
         P.events.append(("empty_cache",))  # peft (auto_clear_cache): "Release CUDA allocator cache after bulk casts"
     if s.uses_adapters:  # peft: lora_A [r, in], lora_B [out, r] per targeted module, fp32, in module order
-        for W in layers:
-            for mod in L.modules:
+        for i, W in enumerate(layers):
+            for j, mod in enumerate(L.modules):
                 if mod.name in L.targets:
                     r = s.rank * (2 if mod.name.endswith("gate_up_proj") and mod.group == "expert" else 1)
                     r *= mod.count
-                    W[mod.name + ".lora_A"] = _param(P, r * mod.in_features, 4, True, ADAPTERS)
-                    W[mod.name + ".lora_B"] = _param(P, mod.out_features * r, 4, True, ADAPTERS)
-    return {"layers": layers, "embed": embed, "head": head, "norm": final_norm, "keep": keep}
+                    a = _param(P, r * mod.in_features, 4, True, ADAPTERS, (r, mod.in_features), (1 + i, j, 0))
+                    b = _param(P, mod.out_features * r, 4, True, ADAPTERS, (mod.out_features, r), (1 + i, j, 1))
+                    W[mod.name + ".lora_A"], W[mod.name + ".lora_B"] = a, b
+    return {"layers": layers, "embed": embed, "head": head, "norm": final_norm}
 
 
 def _upcast(P: Program, p: Param) -> Param:
-    new = _param(P, p.elems, 4, p.leaf)
-    return new  # the 16-bit one goes when the caller rebinds
+    """The fp32 copy; the 16-bit original goes when the caller rebinds (peft: `param.data = ...`)."""
+    if p.leaf:
+        P.trainable.remove(p)
+    return _param(P, p.elems, 4, p.leaf, shape=p.shape, order=p.order)
 
 
 def _norm_names(m: ModelSpec) -> list[str]:
@@ -701,19 +724,18 @@ def _norm_names(m: ModelSpec) -> list[str]:
     return ["input_layernorm", "post_attention_layernorm"]
 
 
-def forward_loss(P: Program, L: Layout, M: dict, ids: Sym, workspace: int) -> Sym:
+def forward_loss(P: Program, L: Layout, M: dict, workspace: int) -> Sym:
     """model(input_ids=x, labels=x).loss under autocast; the output's 16-bit logits go with the output object."""
     m, T, c = L.m, L.T, L.c
     h, V = m.hidden_size, m.vocab_size
     s = L.s
     P.autocast_cache = [] if L.autocast else None
-    if workspace and not P.workspace_done:  # cuBLAS takes its workspace from the caching allocator on first use
+    if workspace and P.workspace is None:  # cuBLAS takes its workspace from the caching allocator on first use
         P.workspace = P.new(workspace, 1, WORK)
-        P.workspace_done = True
     emb = M["embed"]
     P.tag = ACT  # what the forward allocates and is still alive at a backward peak: kept for backward
     x = P.new(T * h, emb.eb)  # embedding lookup
-    x = op(P, x, (emb,), (), lambda P, g, s, n=emb.elems, e=emb.eb: (P.new(n, e, GRAD),))
+    x = op(P, x, (emb,), (), lambda P, g, s, n=emb.elems, e=emb.eb: (P.new(n, e, _grad_tag(emb)),))
     if s.uses_adapters and s.gradient_checkpointing:
         x.leaf = True  # peft's enable_input_require_grads: the embedding output requires grad
     # what every layer takes besides the hidden states, kept (as checkpointed layers' inputs) through backward:
@@ -728,6 +750,8 @@ def forward_loss(P: Program, L: Layout, M: dict, ids: Sym, workspace: int) -> Sy
             x = checkpoint(P, lambda t, W=W, win=win: decoder_layer(P, L, t, W, win), x)
         else:
             x = decoder_layer(P, L, x, W, win)
+    if not s.gradient_checkpointing:
+        P.shared = P.shared[:2]  # the mask: nothing keeps it once the layers ran (rope's nodes keep cos / sin)
     P.tag = LOSS  # the final norm, the logits and the cross-entropy, forward and backward
     hn = rmsnorm(P, L, x, M["norm"])
     del x
@@ -771,8 +795,8 @@ def optimizer_step(P: Program, L: Layout, params: list, state: list, first: bool
                 if eight:
                     blocks = -(-n // BNB_8BIT_BLOCKSIZE)
                     state += [P.new(blocks, 4, OPT), P.new(blocks, 4, OPT)]
-            elif kind == "adafactor":
-                state.append(P.new(n if n < 1 << 20 else int(n**0.5) * 2, p.eb, OPT))
+            elif kind == "adafactor":  # optimizer.py: rows + columns for a matrix, the full vector otherwise
+                state.append(P.new(sum(p.shape) if p.shape else n, p.eb, OPT))
     if kind == "adamw_torch":
         tmp = [P.new(p.elems, p.eb, OPT_TEMP) for p in params]
         del tmp
@@ -782,8 +806,7 @@ def program(model: ModelSpec, s: Settings, workspace: int = 0, steps: int = 2) -
     """The allocation events of load + `steps` optimizer steps of the runner's loop (2: the second step starts
     from the first one's cached blocks and optimizer states, which is where peaks settle)."""
     L = Layout(model, s)
-    P = Program(L.T)
-    P.workspace_done = False
+    P = Program()
     P.phase("load")
     M = load(P, L)
     ids = P.new(L.T, 8, INPUT)  # int64 token ids
@@ -793,18 +816,25 @@ def program(model: ModelSpec, s: Settings, workspace: int = 0, steps: int = 2) -
     for step in range(steps):
         for _ in range(s.grad_accum):
             P.phase(f"forward {step}")
-            loss = forward_loss(P, L, M, ids, workspace)
+            loss = forward_loss(P, L, M, workspace)
             P.phase(f"backward {step}")
             g = P.new(1, 4)  # ones_like(loss)
             run_backward(P, loss, g)
             del loss, g
             P.shared = []
-        if trainable is None:
-            trainable = list(P.grads)  # optimizer order: parameters as they got gradients (same set)
+        if trainable is None:  # torch's optimizers create states in model.parameters() order, for those with .grad
+            has_grad = {id(p) for p in P.grads}
+            trainable = sorted((p for p in P.trainable if id(p) in has_grad), key=lambda p: p.order)
         P.phase(f"optimizer {step}")
         optimizer_step(P, L, trainable, state, first=step == 0)
         P.phase(f"zero_grad {step}")
         for p in P.grads:
             p.grad = None
         P.grads = []
-    return P.events
+    P.phase("end")
+    events = P.events
+    # the run's end frees weights and states, said explicitly (the Program's own lists would hold them in a cycle
+    # with the tensors' reference back to it)
+    P.trainable, P.workspace, P.shared, P.grads = [], None, [], []
+    del M, ids, state, trainable, P
+    return events
