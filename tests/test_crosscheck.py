@@ -45,7 +45,7 @@ def test_grid_has_the_configurations_the_issue_asks_for():
     s = [c.settings for c in cases]
     assert {x.method for x in s} == {"full", "lora", "qlora"}
     assert {x.gradient_checkpointing for x in s} == {True, False}
-    assert {x.attn for x in s} == {"sdpa", "eager", "flash_attention_2"}  # Gemma-2 refuses sdpa
+    assert {x.attn for x in s} == {"sdpa", "eager"}  # (Gemma-2: eager only; transformers refuses sdpa for it)
     assert len({(x.batch, x.seq) for x in s}) >= 3
     assert any(not x.double_quant for x in s) and any(not x.upcast_non_quantized for x in s)
     assert len({c.id for c in cases}) == len(cases)

@@ -46,10 +46,11 @@ ALLOCATOR_NOISE = 0.005
 def test_more_tokens_never_need_less_memory(model, s, key, more):
     a = estimate(model, s)
     b = estimate(model, s.with_(**{key: getattr(s, key) + more}))
-    assert b.peak_allocated_bytes >= a.peak_allocated_bytes
     # The caching allocator is not monotone: a larger request may land in a cached block that smaller ones split
-    # differently, so reserved memory can drop by a segment (kLargeBuffer, 20 MiB) or a fraction of a percent.
+    # differently, so reserved memory can drop by a segment (kLargeBuffer, 20 MiB) or a fraction of a percent;
+    # allocated bytes are block sizes (an unsplit remainder counts), so they can too, by less.
     slack = max(ALLOCATOR_NOISE_BYTES, round(a.peak_reserved_bytes * ALLOCATOR_NOISE))
+    assert b.peak_allocated_bytes >= a.peak_allocated_bytes - slack
     assert b.peak_reserved_bytes >= a.peak_reserved_bytes - slack
     assert b.peak_device_bytes >= a.peak_device_bytes - slack
 
