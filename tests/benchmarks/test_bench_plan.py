@@ -3,6 +3,8 @@
 Every round starts cold: estimate() memoizes its replays, and a warm cache would time a dictionary lookup.
 """
 
+import pytest
+
 from qlora_bench.estimate import _replayed, estimate
 from qlora_bench.estimate.allocator import replay
 from qlora_bench.estimate.program import program
@@ -48,8 +50,6 @@ def test_bench_load_and_validate_committed_results(benchmark):
 
 
 def _trace_or_skip():
-    import pytest
-
     shim = pytest.importorskip("qlora_bench.trace.shim")
     if not shim.library_path().is_file() and shim.missing_tools():
         pytest.skip("no compiler for the fake-CUDA shim")
@@ -58,6 +58,7 @@ def _trace_or_skip():
     return trace
 
 
+@pytest.mark.heavy
 def test_bench_trace_8b(benchmark):
     """issue 10: an 8B step under 30 s, under 2 GB RSS (3 steps traced; the wall time includes imports)."""
     trace = _trace_or_skip()
@@ -66,6 +67,7 @@ def test_bench_trace_8b(benchmark):
     assert max(r.seconds["steps"]) < 30 and r.max_rss_bytes < 2 * 2**30
 
 
+@pytest.mark.heavy
 def test_bench_trace_70b(benchmark):
     """issue 10: a 70B step under 90 s, under 2 GB RSS."""
     trace = _trace_or_skip()
