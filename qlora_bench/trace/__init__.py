@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..profiles import ModelSpec
 from ..settings import Settings
 
-# The categories of the breakdown, in the order they are shown (tracer.TAGS without importing torch)
+# The categories of the breakdown, in the order they are shown (tracer.py records with them)
 CATEGORIES = (
     "parameters",
     "quant_state",

@@ -30,18 +30,6 @@ from collections.abc import Iterable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-TAGS = (
-    "parameters",
-    "quant_state",
-    "inputs",
-    "load",
-    "activations",
-    "gradients",
-    "optimizer_states",
-    "temporaries",
-    "workspaces",
-)
-
 # phase kinds, stored per storage (a small int: a list of ints is cheaper than a list of strings)
 LOAD, FWD, BWD, OPT, ZERO = range(5)
 KIND = {"load": LOAD, "fwd": FWD, "bwd": BWD, "opt": OPT, "zero": ZERO}

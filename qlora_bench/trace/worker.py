@@ -51,7 +51,7 @@ def _tag_timeline(events: list, points: int) -> list:
     """[event index, {tag: live bytes}] at the highest point of each of `points` equal runs of events (sizes rounded
     as the allocator rounds them, to 512 B): a plot of these keeps every step's peak, where sampling every n-th
     event misses the short spikes of the loss and the first backward layer."""
-    from .tracer import TAGS
+    from . import CATEGORIES as TAGS
 
     live = dict.fromkeys(TAGS, 0)
     size_tag: dict[int, tuple[int, str]] = {}
