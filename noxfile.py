@@ -41,6 +41,7 @@ def fuzz(session: nox.Session) -> None:
     _install_cpu(session)
     session.env.setdefault("QLORA_BENCH_FUZZ_EXAMPLES", os.environ.get("QLORA_BENCH_FUZZ_EXAMPLES", "20000"))
     session.env.setdefault("QLORA_BENCH_PROPERTY_EXAMPLES", os.environ.get("QLORA_BENCH_PROPERTY_EXAMPLES", "10"))
+    session.env.setdefault("QLORA_BENCH_HYPOTHESIS_PROFILE", "fuzz")
     session.run("pytest", "tests/test_fuzz_inputs.py", "tests/test_properties.py", "-q", *session.posargs)
 
 

@@ -133,6 +133,8 @@ def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int, anc
     walk from it with doubling steps and bisect the bracket, so a good guess costs two or three replays."""
     anchor = anchor or estimate(model, s)
     seen: dict[int, bool] = {}
+    if anchor.settings == s:  # the caller's own value was replayed already: never report less than it
+        seen[getattr(s, key)] = fits_with_margin(anchor, usable)
 
     def ok(v: int) -> bool:
         if v not in seen:
@@ -157,7 +159,9 @@ def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int, anc
     while hi - lo > max(1, int(lo * SEARCH_RESOLUTION)):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+    # The reserved peak is not monotone in tokens, and the bisection stops short of the last token: the answer is
+    # the largest value any replay found to fit within the cap (so a plan that fits never reports a smaller max).
+    return max([lo] + [v for v, f in seen.items() if f and v <= cap])
 
 
 def _search(model: ModelSpec, s: Settings, usable: int, key: str, lo: int, hi: int, anchor: Estimate) -> int:

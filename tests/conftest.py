@@ -1,6 +1,15 @@
+import os
+
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from qlora_bench.profiles import resolve_model
+
+# The default test command (CI) draws the same examples every run, so a red CI means the change broke something
+# rather than an unlucky draw; `nox -s fuzz` explores new examples on each run (and shrinks what it finds).
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("fuzz", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("QLORA_BENCH_HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_addoption(parser):

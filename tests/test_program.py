@@ -175,3 +175,29 @@ def test_replay_is_deterministic():
     a = replay(program(model, Settings(), workspace=123))
     b = replay(program(model, Settings(), workspace=123))
     assert (a.peak_allocated, a.peak_reserved, a.n_events) == (b.peak_allocated, b.peak_reserved, b.n_events)
+
+
+def test_moe_expert_adapters_keep_the_merged_expert_stack_per_layer():
+    """peft's ParamWrapper folds LoRA into the stacked experts each forward (W' = baddbmm(W, lhs, rhs), peft 0.21
+    `_LoraFactorsProxy`) and grouped_mm saves W' for backward: without checkpointing every layer's W' (gate_up and
+    down, 16-bit) is alive when backward starts; `register_parametrization` also evaluates each proxy once (a
+    throwaway of the same size). With checkpointing no layer keeps it."""
+    m = resolve_model("mixtral-8x7b")
+    h, i, experts = m.hidden_size, m.intermediate_size, 8
+    gate_up, down = experts * 2 * i * h * 2, experts * h * i * 2  # bf16 bytes of each stack
+    for gc, kept_layers in ((False, m.num_layers), (True, 0)):
+        events = program(m, Settings(method="lora", dropout=0.0, gradient_checkpointing=gc, seq=512), steps=1)
+        live, allocs_in_forward, phase = {}, 0, None
+        for ev in events:
+            if ev[0] == "phase":
+                phase = ev[1]
+                if phase.startswith("backward"):
+                    break
+            elif ev[0] == "alloc" and ev[3] == ACT:
+                live[ev[1]] = ev[2]
+                allocs_in_forward += phase.startswith("forward") and ev[2] in (gate_up, down)
+            elif ev[0] == "free":
+                live.pop(ev[1], None)
+        stacks = [n for n in live.values() if n in (gate_up, down)]
+        assert sum(stacks) == kept_layers * (gate_up + down)
+        assert allocs_in_forward == m.num_layers * 4  # per layer: two throwaways, two kept for backward

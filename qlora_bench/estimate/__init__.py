@@ -171,12 +171,6 @@ def _notes(model: ModelSpec, s: Settings, w: WeightBytes) -> list[str]:
             "prepare_model_for_kbit_training leaves ('Expected inputs of BF16 type'): use --no-upcast-non-quantized "
             "(seen in `trace`)"
         )
-    if model.is_moe and s.uses_adapters and any(m.group == "expert" for m in target_modules(model, s)):
-        notes.append(
-            "MoE experts with LoRA: peft wraps the fused expert parameters (lora.ParamWrapper), whose per-forward "
-            "tensors the estimator simulates only roughly (against trace: within a few % with gradient "
-            "checkpointing, about 45 % short without it); `plan --trace` runs the real code"
-        )
     if s.alloc_conf and AllocatorConfig.parse(s.alloc_conf).per_process_memory_fraction != 1.0:
         notes.append(
             "per_process_memory_fraction (and garbage_collection_threshold with it) is not simulated: it needs the "
@@ -216,7 +210,7 @@ def estimate(
     per_token = sum(act.layer_saved_per_token(model, s).values())
     one_layer = per_token * tokens + act.layer_saved_fixed(model, s)
     all_layers = one_layer * model.num_layers
-    in_flight = act.layer_grad_in_flight_per_token(model, s) * tokens
+    in_flight = act.layer_grad_in_flight_per_token(model, s) * tokens + act.merged_expert_bytes(model, s, True)
     dequant = act.dequant_transient_bytes(model, s, w.largest_quantized_numel)
     ckpt = act.checkpoint_bytes(model, s)
     gc = s.gradient_checkpointing

@@ -92,13 +92,21 @@ def layer_saved_per_token(model: ModelSpec, s: Settings) -> dict[str, int]:
 def layer_saved_fixed(model: ModelSpec, s: Settings) -> int:
     """Per-layer saved bytes that do not scale with tokens.
 
-    Frozen fp32 weights used under bf16 autocast are cast to bf16 per use, and a matmul whose input needs a
-    gradient saves that cast weight: on the QLoRA path this hits non-Linear MoE experts (upcast to fp32).
+    Expert stacks with LoRA: peft's ParamWrapper makes W' = W + scaling * lhs @ rhs (the stack's size, in its
+    dtype) every forward, and grouped_mm saves it (program.py `moe_experts`). grouped_mm is not autocast-enabled,
+    so fp32 (upcast) experts are used as they are, with no 16-bit copy.
     """
-    c = compute_bytes(s)
-    if s.method == "qlora" and s.upcast_non_quantized and c < 4:
-        return sum(mod.weight_params for mod in model.layer_modules() if not mod.is_linear) * c
-    return 0
+    return merged_expert_bytes(model, s)
+
+
+def merged_expert_bytes(model: ModelSpec, s: Settings, largest: bool = False) -> int:
+    """Per layer: the merged copies of the LoRA-targeted expert stacks (all of them, or the largest one: its
+    gradient is what backward holds at full size)."""
+    if not (model.is_moe and s.uses_adapters):
+        return 0
+    eb = 4 if (s.compute_dtype == "fp32" or (s.method == "qlora" and s.upcast_non_quantized)) else compute_bytes(s)
+    stacks = [m.weight_params * eb for m in target_modules(model, s) if m.group == "expert"]
+    return max(stacks, default=0) if largest else sum(stacks)
 
 
 def layer_grad_in_flight_per_token(model: ModelSpec, s: Settings) -> int:

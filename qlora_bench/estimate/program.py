@@ -354,6 +354,15 @@ def softmax(P: Program, x: Sym) -> Sym:
     return node_out
 
 
+def tanh(P: Program, x: Sym) -> Sym:
+    """tanh keeps its output for backward (tanh_backward(grad, result)), as softmax does."""
+    out = P.new(x.elems, x.eb)
+    node_out = op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
+    if node_out.node is not None:
+        node_out.node.saved = (out,)
+    return node_out
+
+
 def clone(P: Program, x: Sym) -> Sym:
     out = P.new(x.elems, x.eb)
     return op(P, out, (x,), (), lambda P, g, s: (g,))
@@ -405,6 +414,8 @@ def windowed_layers(model: ModelSpec, s: Settings) -> set[int]:
 
 def rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
     """LlamaRMSNorm: h = x.to(fp32); h * rsqrt(h.pow(2).mean(-1) + eps); weight * h.to(input dtype)."""
+    if L.m.model_type == "gemma2":
+        return gemma_rmsnorm(P, L, x, w)
     T = L.T
     h32 = cast(P, x, 4)
     var = elementwise(P, h32, keep_input=True)  # pow(2)
@@ -418,6 +429,25 @@ def rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
     del rs, h32
     y = cast(P, y, x.eb)
     return mul(P, w, y)
+
+
+def gemma_rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
+    """Gemma2RMSNorm: h = x.float(); n = h * rsqrt(h.pow(2).mean(-1) + eps); (n * (1 + weight.float())).type_as(x):
+    the product with the weight is fp32, cast back last."""
+    h32 = cast(P, x, 4)
+    var = elementwise(P, h32, keep_input=True)  # pow(2)
+    var2 = elementwise(P, var, out_elems=L.T)  # mean(-1)
+    del var
+    var3 = scale(P, var2)  # + eps
+    del var2
+    rs = elementwise(P, var3, keep_input=True)  # rsqrt
+    del var3
+    n = mul(P, h32, rs)
+    del rs, h32  # `_norm` returns
+    w1 = scale(P, cast(P, w, 4))  # 1.0 + weight.float(): a vector
+    y = mul(P, n, w1)
+    del n, w1
+    return cast(P, y, x.eb)
 
 
 def linear(P: Program, L: Layout, x: Sym, W: dict, name: str, n: int, o: int) -> Sym:
@@ -500,17 +530,18 @@ def rope(P: Program, x: Sym) -> Sym:
     return op(P, out, (x,), (), backward)
 
 
-def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = False) -> Sym:
+def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = False) -> tuple[Sym, Sym | None]:
     """sdpa as a GPU runs it (sdp_utils.cpp on sm80/sm90: flash for 16-bit without a mask, with GQA; memory-
     efficient with a mask, after transformers repeats k and v to every head since it passes enable_gqa only
     without a mask), or transformers' eager attention (scores and probabilities materialized). `windowed`: a
     sliding-window layer whose window the sequence reaches, which gets a mask (masking_utils keeps the mask
-    unless kv_length < the window)."""
+    unless kv_length < the window). Returns the output and eager's attention weights (None for sdpa), which the
+    attention module returns too."""
     m, T, c = L.m, L.T, L.c
     a, kvh, seq, b = m.num_heads, m.num_kv_heads, L.s.seq, L.s.batch
     rep = a // kvh
-    qc, kc, vc = (cast(P, t, c) for t in (q, k, v)) if L.autocast else (q, k, v)
     if L.s.attn != "eager" and not windowed:
+        qc, kc, vc = (cast(P, t, c) for t in (q, k, v)) if L.autocast else (q, k, v)  # autocast's casts
         out = P.new(q.elems, qc.eb)
         lse = P.new(T * a, LSE_BYTES)
 
@@ -519,12 +550,14 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
 
         # flash keeps q, k, v, its output and the log-sum-exp (the node holding its own output is a cycle that
         # running the node breaks; a checkpointed forward records no node)
-        return op(P, out, (qc, kc, vc), (qc, kc, vc, out, lse), backward)
-    kr = elementwise(P, kc, out_elems=kc.elems * rep) if rep > 1 else kc  # repeat_kv
-    vr = elementwise(P, vc, out_elems=vc.elems * rep) if rep > 1 else vc
+        return op(P, out, (qc, kc, vc), (qc, kc, vc, out, lse), backward), None
+    # transformers repeats k and v to every head (repeat_kv) in the dtype they come in; autocast casts afterwards
+    kr = elementwise(P, k, out_elems=k.elems * rep) if rep > 1 else k
+    vr = elementwise(P, v, out_elems=v.elems * rep) if rep > 1 else v
     if L.s.attn != "eager":
         # memory-efficient attention: the bool mask converted to an additive one per call
         # (convert_boolean_attn_mask), kept for backward with q, k, v, the output and a log-sum-exp padded to 32
+        qc, kc, vc = (cast(P, t, c) for t in (q, kr, vr)) if L.autocast else (q, kr, vr)
         bias = P.new(b * seq * seq, qc.eb)
         out = P.new(q.elems, qc.eb)
         lse = P.new(b * a * -(-seq // 32) * 32, LSE_BYTES)
@@ -532,37 +565,45 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
         def backward(P, g, s, qe=q.elems, eb=qc.eb):
             return P.new(qe, eb), P.new(qe, eb), P.new(qe, eb)
 
-        return op(P, out, (qc, kr, vr), (qc, kr, vr, out, lse, bias), backward)
-    # eager_attention_forward: q @ k^T * scaling, + mask, softmax(dtype=fp32) (a cast, then the softmax),
-    # .to(q dtype), @ v, transpose(1, 2).contiguous()
-    sc = matmul(P, qc, kr, 1, b * a * seq * seq, qc.eb)
+        return op(P, out, (qc, kc, vc), (qc, kc, vc, out, lse, bias), backward), None
+    # eager_attention_forward: q @ k^T (autocast casts both operands) * scaling, + the additive mask (in the
+    # embedding's dtype: the sum promotes), softmax(dtype=fp32) (a cast unless already fp32), .to(q's dtype),
+    # @ v (cast again), transpose(1, 2).contiguous()
+    qc, kc = (cast(P, q, c), cast(P, kr, c)) if L.autocast else (q, kr)
+    sc = matmul(P, qc, kc, 1, b * a * seq * seq, qc.eb)
+    del qc, kc
     sc2 = scale(P, sc)
     del sc
-    if m.attn_logit_softcapping:
-        sc3 = elementwise(P, scale(P, sc2), keep_input=True)  # tanh(scores / cap) * cap
-        sc2 = scale(P, sc3)
-        del sc3
-    msk = scale(P, sc2)  # + the mask
+    if m.attn_logit_softcapping:  # attn_weights = attn_weights / cap; tanh(attn_weights); attn_weights * cap
+        d = scale(P, sc2)
+        del sc2
+        th = tanh(P, d)
+        del d
+        sc2 = scale(P, th)
+        del th
+    msk = add(P, sc2, P.shared[2])
     del sc2
     f = cast(P, msk, 4)
-    del msk
     pr = softmax(P, f)
     del f
-    pr16 = cast(P, pr, qc.eb)
-    del pr
-    out = matmul(P, pr16, vr, 1, q.elems, qc.eb)
-    del pr16, kr, vr
-    return clone(P, out)
+    pq = cast(P, pr, q.eb)
+    del msk, pr  # `attn_weights` is rebound only once `.to(query.dtype)` has returned
+    pc, vc = (cast(P, pq, c), cast(P, vr, c)) if L.autocast else (pq, vr)
+    out = matmul(P, pc, vc, 1, q.elems, pc.eb)
+    del pc, vc
+    o = clone(P, out)  # transpose(1, 2).contiguous(), before the function's locals (repeated k, v) go
+    del out, kr, vr
+    return o, pq
 
 
 def mlp(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
-    """down(act(gate(x)) * up(x)) (SwiGLU; Phi-3 fuses gate and up; a MoE layer runs k experts per token,
-    modelled as one MLP of k times the width)."""
+    """down(act(gate(x)) * up(x)) (SwiGLU; Phi-3 fuses gate and up; MoE layers: `moe_experts`)."""
     m = L.m
-    h, i = m.hidden_size, m.intermediate_size * m.experts_per_token
-    if m.model_type == "phi3" or m.is_moe:  # one fused gate_up output; chunk(2) gives two views of it
-        name = "gate_up_proj" if m.model_type == "phi3" else "experts.gate_up_proj"
-        gu = linear(P, L, x, W, name, h, 2 * i)
+    if m.is_moe:
+        return moe_experts(P, L, x, W)
+    h, i = m.hidden_size, m.intermediate_size
+    if m.model_type == "phi3":  # one fused gate_up output; chunk(2) gives two views of it
+        gu = linear(P, L, x, W, "gate_up_proj", h, 2 * i)
         g, u = view(P, gu, L.T * i), view(P, gu, L.T * i)
         del gu
     else:
@@ -574,7 +615,75 @@ def mlp(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
         u = linear(P, L, x, W, "up_proj", h, i)
     p = mul(P, act, u)
     del act, u
-    return linear(P, L, p, W, "experts.down_proj" if m.is_moe else "down_proj", i, h)
+    return linear(P, L, p, W, "down_proj", i, h)
+
+
+def moe_experts(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
+    """A sparse MoE block as transformers 5.x runs it (MixtralSparseMoeBlock; integrations/moe.py
+    `grouped_mm_experts_forward`), over S = tokens x k token-expert pairs:
+    router softmax / top-k (fp32 weights) -> gather the S rows -> grouped_mm with the stacked gate_up experts ->
+    act(gate) * up -> grouped_mm with down -> x routing weight (fp32 result) -> restore the order -> sum the k
+    rows of each token -> cast back.
+
+    peft targets the stacked experts as parameters (lora.ParamWrapper, one per parameter, nested: down_proj's
+    outside gate_up_proj's). Each forward `_activate_lora` casts the two LoRA factors to the weight's dtype,
+    `register_parametrization` evaluates the parametrization once to check it (a throwaway W'), and under
+    `parametrize.cached()` the experts then use W' = baddbmm(W, lhs, rhs): a new tensor the size of the whole
+    expert stack, which grouped_mm saves for backward (84 GiB over Mixtral's 32 layers without checkpointing).
+    Its backward computes grouped_mm's weight gradient at full size, then the factors' gradients from it."""
+    m = L.m
+    h, i, k, T = m.hidden_size, m.intermediate_size, m.experts_per_token, L.T
+    S = T * k
+    weights = elementwise(P, x, out_elems=S, eb=4)  # router: F.linear, softmax(float), top-k, renormalized
+    stacks = {}  # name -> (lhs, rhs) of each peft ParamWrapper, activated outermost first
+    for name in ("experts.down_proj", "experts.gate_up_proj"):
+        if name in L.targets:
+            w = W[name]
+            lhs, rhs = cast(P, W[name + ".lora_A"], w.eb), cast(P, W[name + ".lora_B"], w.eb)
+            throwaway = P.new(w.elems, w.eb)  # register_parametrization's check evaluates the proxy once
+            del throwaway
+            stacks[name] = (lhs, rhs)
+
+    def expert_weight(name: str) -> Sym:
+        w = W[name]
+        if name not in stacks:
+            return w
+        lhs, rhs = stacks[name]
+        out = P.new(w.elems, w.eb)  # baddbmm(W, lhs, rhs): W is frozen, the factors get gradients
+
+        def backward(P, g, s, le=lhs.elems, re=rhs.elems, eb=w.eb):
+            return P.new(le, eb), P.new(re, eb)
+
+        return op(P, out, (lhs, rhs), (lhs, rhs), backward)
+
+    def grouped_linear(inp: Sym, name: str, o: int) -> tuple[Sym, Sym]:
+        w = expert_weight(name)
+        xc = cast(P, inp, w.eb)  # grouped_mm is not autocast-enabled: the input is cast to the weight's dtype
+        return w, matmul(P, xc, w, S, o, w.eb)
+
+    xg = op(P, P.new(S * h, x.eb), (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))  # x[perm // k]
+    wg = elementwise(P, weights, eb=4)  # sample_weights[perm]
+    wgu, gu = grouped_linear(xg, "experts.gate_up_proj", 2 * i)
+    del xg
+    g, u = view(P, gu, S * i), view(P, gu, S * i)
+    del gu
+    act = elementwise(P, g, keep_input=True)
+    del g
+    p = mul(P, act, u)
+    del act, u
+    wdown, d = grouped_linear(p, "experts.down_proj", h)
+    del p
+    y = mul(P, d, wg, eb=4)  # proj_out * sample_weights_g: fp32
+    del d, wg
+    y2 = op(P, P.new(S * h, 4), (y,), (), lambda P, g, s, n=S * h: (P.new(n, 4),))  # weighted_out[inv_perm]
+    del y
+    # view(T, k, h).sum(1): its backward expands the gradient (a view, no storage)
+    y3 = op(P, P.new(T * h, 4), (y2,), (), lambda P, g, s, n=S * h: (View(g, n),))
+    del y2
+    out = cast(P, y3, x.eb)
+    del y3, wgu, wdown
+    stacks.clear()  # parametrize's cache and the proxies go when the wrappers' contexts exit
+    return out
 
 
 def decoder_layer(P: Program, L: Layout, x: Sym, W: dict, windowed: bool = False) -> Sym:
@@ -589,12 +698,13 @@ def decoder_layer(P: Program, L: Layout, x: Sym, W: dict, windowed: bool = False
         q = linear(P, L, hn, W, "q_proj", h, qd)
         k = linear(P, L, hn, W, "k_proj", h, kvd)
         v = linear(P, L, hn, W, "v_proj", h, kvd)
-    del hn
     q, k = rope(P, q), rope(P, k)
-    a = attention(P, L, q, k, v, windowed)
-    del q, k, v
+    a, probs = attention(P, L, q, k, v, windowed)
     o = linear(P, L, a, W, "o_proj", qd, h)
-    del a
+    # The attention module's locals (q, k, v, its output) go when it returns, after o_proj; then the layer's normed
+    # input, which `hidden_states, _ = self.self_attn(...)` rebinds, while `_` (eager's attention weights) lives
+    # until the layer returns
+    del a, q, k, v, hn
     if m.model_type == "gemma2":
         o = rmsnorm(P, L, o, W["post_attention_layernorm"])
     x = add(P, x, o)
@@ -604,7 +714,9 @@ def decoder_layer(P: Program, L: Layout, x: Sym, W: dict, windowed: bool = False
     del hn
     if m.model_type == "gemma2":
         y = rmsnorm(P, L, y, W["post_feedforward_layernorm"])
-    return add(P, x, y)
+    out = add(P, x, y)
+    del probs
+    return out
 
 
 # ---- the model, the step, the run ------------------------------------------------------------------------------
@@ -622,9 +734,7 @@ class Param(Sym):
         self.order = ()  # its place in model.parameters(), the order optimizers create their states in
 
 
-def _param(
-    P: Program, elems: int, eb: int, trainable: bool, tag: str = DENSE, shape=None, order: tuple = ()
-) -> Param:
+def _param(P: Program, elems: int, eb: int, trainable: bool, tag: str = DENSE, shape=None, order: tuple = ()) -> Param:
     k = P.n
     P.n += 1
     P.events.append(("alloc", k, elems * eb, tag))
@@ -738,12 +848,14 @@ def forward_loss(P: Program, L: Layout, M: dict, workspace: int) -> Sym:
     x = op(P, x, (emb,), (), lambda P, g, s, n=emb.elems, e=emb.eb: (P.new(n, e, _grad_tag(emb)),))
     if s.uses_adapters and s.gradient_checkpointing:
         x.leaf = True  # peft's enable_input_require_grads: the embedding output requires grad
+    if m.model_type == "gemma2":
+        x = scale(P, x)  # hidden_states * normalizer (sqrt(hidden_size), a 0-d tensor)
     # what every layer takes besides the hidden states, kept (as checkpointed layers' inputs) through backward:
-    # the mask (eager: an additive one in the compute dtype; sliding-window sdpa: bool) and rotary cos / sin
+    # the mask (eager: an additive one in the embedding's dtype; sliding-window sdpa: bool) and rotary cos / sin
     b, S = s.batch, s.seq
     P.shared = [P.new(T * m.head_dim, x.eb) for _ in range(2)]
     if s.attn == "eager" or L.windowed:
-        P.shared.append(P.new(b * S * S, c if s.attn == "eager" else 1))
+        P.shared.append(P.new(b * S * S, x.eb if s.attn == "eager" else 1))
     for i, W in enumerate(M["layers"]):
         win = i in L.windowed
         if s.gradient_checkpointing:
@@ -760,8 +872,10 @@ def forward_loss(P: Program, L: Layout, M: dict, workspace: int) -> Sym:
     del hn
     logits = matmul(P, hc, autocast_weight(P, head, c) if L.autocast else head, T, V, c if L.autocast else head.eb)
     del hc
-    if m.final_logit_softcapping:  # logits / cap; tanh; * cap
-        logits = scale(P, elementwise(P, scale(P, logits), keep_input=True))
+    if m.final_logit_softcapping:  # logits = logits / cap; logits = tanh(logits); logits = logits * cap
+        logits = scale(P, logits)
+        logits = tanh(P, logits)
+        logits = scale(P, logits)
     # ForCausalLMLoss: logits.float(); cross_entropy = log_softmax (keeps its output) + nll_loss
     f = cast(P, logits, 4)
     lp = softmax(P, f)
