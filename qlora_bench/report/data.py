@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ..estimate import estimate
 from ..estimate.overhead import overheads
-from ..plan import plan
+from ..plan import fits_with_margin, max_batch, usable_bytes
 from ..profiles import resolve_gpu, resolve_model
 from ..results import Record
 from ..settings import DEFAULT_OPTIMIZER, Settings
@@ -79,10 +80,15 @@ def feasibility_table() -> list[dict]:
         row = {"model": name, "params": f"{model.total_params / 1e9:.1f} B"}
         for g in FEASIBILITY_GPUS:
             gpu = resolve_gpu(g)
-            cells = []
+            cells, usable = [], usable_bytes(gpu)
             for method in METHODS:
-                p = plan(model, Settings(method=method, optimizer=DEFAULT_OPTIMIZER[method]), gpu)
-                cells.append(f"{method[0].upper()}:{p.max_batch}" if p.fits else f"{method[0].upper()}:-")
+                # plan's verdict and max_batch, without the suggestions and the sequence search it adds
+                s = Settings(method=method, optimizer=DEFAULT_OPTIMIZER[method])
+                e = estimate(model, s)
+                fits = fits_with_margin(e, usable)
+                cells.append(
+                    f"{method[0].upper()}:{max_batch(model, s, usable, e)}" if fits else f"{method[0].upper()}:-"
+                )
             row[g] = " ".join(cells)
         out.append(row)
     return out
