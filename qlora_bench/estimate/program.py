@@ -425,10 +425,12 @@ def rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
     del var2
     rs = elementwise(P, var3, keep_input=True)  # rsqrt
     del var3
-    y = mul(P, h32, rs)
+    y32 = mul(P, h32, rs)
     del rs, h32
-    y = cast(P, y, x.eb)
-    return mul(P, w, y)
+    y = cast(P, y32, x.eb)
+    out = mul(P, w, y)
+    del y, y32  # `hidden_states` (fp32) is a local until the norm returns
+    return out
 
 
 def gemma_rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
@@ -570,8 +572,14 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
     # embedding's dtype: the sum promotes), softmax(dtype=fp32) (a cast unless already fp32), .to(q's dtype),
     # @ v (cast again), transpose(1, 2).contiguous()
     qc, kc = (cast(P, q, c), cast(P, kr, c)) if L.autocast else (q, kr)
-    sc = matmul(P, qc, kc, 1, b * a * seq * seq, qc.eb)
+    # torch.matmul folds [b, heads] into one batch dimension by reshape, which copies an operand whose memory is
+    # [b, s, heads, d] (a transposed projection; rotary embedding keeps that layout, Phi-3's ends in torch.cat,
+    # repeat_kv's output is contiguous) when b > 1; the bmm then keeps the copy instead
+    qf = _folded(P, qc, b, phi3 := m.model_type == "phi3")
+    kf = _folded(P, kc, b, phi3 or rep > 1)
     del qc, kc
+    sc = matmul(P, qf, kf, 1, b * a * seq * seq, qf.eb)
+    del qf, kf
     sc2 = scale(P, sc)
     del sc
     if m.attn_logit_softcapping:  # attn_weights = attn_weights / cap; tanh(attn_weights); attn_weights * cap
@@ -589,11 +597,18 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
     pq = cast(P, pr, q.eb)
     del msk, pr  # `attn_weights` is rebound only once `.to(query.dtype)` has returned
     pc, vc = (cast(P, pq, c), cast(P, vr, c)) if L.autocast else (pq, vr)
-    out = matmul(P, pc, vc, 1, q.elems, pc.eb)
-    del pc, vc
+    vf = _folded(P, vc, b, rep > 1)  # Phi-3's v is a slice of the fused qkv output
+    del vc
+    out = matmul(P, pc, vf, 1, q.elems, pc.eb)
+    del pc, vf
     o = clone(P, out)  # transpose(1, 2).contiguous(), before the function's locals (repeated k, v) go
     del out, kr, vr
     return o, pq
+
+
+def _folded(P: Program, x: Sym, batch: int, contiguous: bool) -> Sym:
+    """x.reshape(b * heads, s, d) inside torch.matmul: a view for one sequence or a contiguous x, else a copy."""
+    return x if batch == 1 or contiguous else clone(P, x)
 
 
 def mlp(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
@@ -879,12 +894,13 @@ def forward_loss(P: Program, L: Layout, M: dict, workspace: int) -> Sym:
     # ForCausalLMLoss: logits.float(); cross_entropy = log_softmax (keeps its output) + nll_loss
     f = cast(P, logits, 4)
     lp = softmax(P, f)
-    del f
     loss = P.new(1, 4)
     loss = op(P, loss, (lp,), (), lambda P, g, s, n=lp.elems: (P.new(n, 4),))
     del lp
     P.autocast_cache = None  # autocast region ends: cached casts go (those saved for backward stay)
-    del logits  # the model output (and its 16-bit logits) is dropped once .loss is taken
+    # The model output is dropped once .loss is taken: its 16-bit logits go, then the loss function's fp32 copy,
+    # which (as `trace` shows) lives until then too
+    del logits, f
     P.tag = TEMP
     return loss
 
