@@ -75,10 +75,17 @@ class Program:
         self.trainable: list = []  # trainable parameters, as created
         self.shared: list = []  # what every layer takes besides the hidden states (rotary cos / sin, mask)
         self.workspace = None  # cuBLAS's, allocated at the first matmul
+        # checkpoint early stop: tensors a checkpointed layer's first forward would have saved, how many its
+        # recompute still has to save, and whether the recompute has stopped (later ops allocate nothing)
+        self.saves = 0
+        self.budget: int | None = None
+        self.stopped = False
 
     def new(self, elems: int, eb: int, tag: str | None = None) -> Sym:
         k = self.n
         self.n += 1
+        if self.stopped:
+            return Ghost(self, k, elems, eb)
         self.events.append(("alloc", k, elems * eb, tag or self.tag))
         return Sym(self, k, elems, eb)
 
@@ -105,6 +112,16 @@ class Sym:
         self.prog.events.append(("free", self.key))
 
 
+class Ghost(Sym):
+    """An output of an op the recompute never reached (checkpoint early stop): no storage, nothing to free; its
+    node still takes part in backward, as the original forward's node does."""
+
+    __slots__ = ()
+
+    def __del__(self):
+        pass
+
+
 class Node:
     __slots__ = ("seq", "inputs", "saved", "backward", "tag")
 
@@ -113,11 +130,21 @@ class Node:
         self.tag = tag  # what its backward allocates: activation gradients, or the loss head's
 
 
+PENDING = Node(0, (), (), None)  # a checkpointed first forward's node: needs a gradient, records nothing
+
+
 def op(P: Program, out: Sym, inputs: tuple, saved: tuple, backward) -> Sym:
     """Record a node for `out` when recording and an input needs a gradient. `backward(P, g, saved)` returns
     one gradient (or None) per input. A checkpointed layer's first forward records nothing (its saved-tensor
-    hooks drop everything); `checkpoint` gives the layer's output one node that recomputes it."""
-    if P.recording and any(t is not None and t.req for t in inputs):
+    hooks drop everything) but counts what it would save; `checkpoint` gives the layer's output one node that
+    recomputes it."""
+    if any(t is not None and t.req for t in inputs):
+        if not P.recording:
+            P.saves += sum(t is not None for t in saved)
+            out.node = PENDING
+            return out
+        if P.budget is not None and saved:
+            _packed(P, sum(t is not None for t in saved), out)
         P.seq += 1
         # edges, as torch keeps them: the producer's node, or the leaf itself (never a non-leaf tensor)
         edges = tuple(None if t is None or not t.req else (t if t.leaf else t.node) for t in inputs)
@@ -126,6 +153,20 @@ def op(P: Program, out: Sym, inputs: tuple, saved: tuple, backward) -> Sym:
                 e.producers += 1
         out.node = Node(P.seq, edges, saved, backward, LOSS if P.tag == LOSS else IN_FLIGHT)
     return out
+
+
+def _packed(P: Program, n: int, out: Sym | None) -> None:
+    """The recompute saved `n` more tensors. torch's non-reentrant checkpoint stops recomputing once it has
+    saved as many as the first forward did (early stop, the default; utils/checkpoint.py raises
+    _StopRecomputationError from the pack hook): an op saving its inputs never computes its output (`out`, when
+    it was the last allocation, is taken back), and nothing after it runs."""
+    P.budget -= n
+    if P.budget > 0:
+        return
+    P.budget, P.stopped = None, True
+    if out is not None and P.events and P.events[-1][0] == "alloc" and P.events[-1][1] == out.key:
+        P.events.pop()
+        out.__class__ = Ghost
 
 
 class Alias(Sym):
@@ -145,15 +186,18 @@ class Alias(Sym):
 def checkpoint(P: Program, fn, x: Sym) -> Sym:
     """torch.utils.checkpoint (use_reentrant=False): run `fn(x)` without saving, keep `x`; in backward run it
     again with saving on and backpropagate through the recomputed graph."""
-    P.recording = False
+    P.recording, P.saves = False, 0
     out = fn(x)
     P.recording = True
+    saves = P.saves
 
     def backward(P, g, s):
         xa = Alias(s[0])
         ctx, tag = P.autocast_cache, P.tag
         P.autocast_cache, P.tag = [], RECOMPUTE  # the recompute runs in its own autocast region
+        P.budget = saves or None
         y = fn(xa)
+        P.budget, P.stopped = None, False
         P.autocast_cache, P.tag = ctx, tag
         run_backward(P, y, g)
         del y, g
@@ -345,22 +389,28 @@ def view(P: Program, x: Sym, elems: int) -> Sym:
     return op(P, View(x, elems), (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
 
 
+def _keeps_output(P: Program, out: Sym) -> Sym:
+    """An op whose backward uses its own output (softmax, tanh): the node holds it (a reference cycle that
+    running the node breaks), packed after the op computed it."""
+    if out.node is PENDING:
+        P.saves += 1
+    elif out.node is not None:
+        out.node.saved = (out,)
+        if P.budget is not None:
+            _packed(P, 1, None)
+    return out
+
+
 def softmax(P: Program, x: Sym) -> Sym:
     """softmax(dtype=float32) keeps its output (the node's reference to it is dropped when the node runs)."""
     out = P.new(x.elems, 4)
-    node_out = op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
-    if node_out.node is not None:
-        node_out.node.saved = (out,)
-    return node_out
+    return _keeps_output(P, op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),)))
 
 
 def tanh(P: Program, x: Sym) -> Sym:
     """tanh keeps its output for backward (tanh_backward(grad, result)), as softmax does."""
     out = P.new(x.elems, x.eb)
-    node_out = op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
-    if node_out.node is not None:
-        node_out.node.saved = (out,)
-    return node_out
+    return _keeps_output(P, op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),)))
 
 
 def clone(P: Program, x: Sym) -> Sym:
@@ -458,9 +508,8 @@ def linear(P: Program, L: Layout, x: Sym, W: dict, name: str, n: int, o: int) ->
     w = W[name]
     if name in L.quantized:  # Linear4bit.forward: x.to(compute dtype); MatMul4Bit; result.to(input dtype)
         xc = cast(P, x, c)
-        out = _matmul_4bit(P, xc, n, o, c, T)
-        del xc
-        out = cast(P, out, x.eb)
+        out = cast(P, _matmul_4bit(P, xc, n, o, c, T), x.eb)
+        del xc  # the cast input is Linear4bit.forward's local until it returns
     else:
         xc = cast(P, x, c) if L.autocast else x
         out = matmul(P, xc, autocast_weight(P, w, c) if L.autocast else w, T, o, c if L.autocast else w.eb)
@@ -502,7 +551,7 @@ def _matmul_4bit(P: Program, x: Sym, n: int, o: int, c: int, T: int) -> Sym:
     return op(P, out, (x,), (), backward)
 
 
-def rope(P: Program, x: Sym) -> Sym:
+def rope(P: Program, x: Sym, cat_pass: bool = False) -> Sym:
     """apply_rotary_pos_emb: x * cos + rotate_half(x) * sin (rotate_half: cat(-x2, x1)); cos/sin need no
     gradient, so nothing sized by x is kept; backward: the two products' gradients and the cat's slices."""
     n = x.elems
@@ -529,7 +578,10 @@ def rope(P: Program, x: Sym) -> Sym:
         del r, c
         return (gx,)
 
-    return op(P, out, (x,), (), backward)
+    out = op(P, out, (x,), (), backward)
+    if cat_pass:  # Phi-3: torch.cat([rotated, pass-through], dim=-1), a copy even when nothing passes through
+        return op(P, P.new(n, x.eb), (out,), (), lambda P, g, s: (g,))  # cat's backward slices: views
+    return out
 
 
 def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = False) -> tuple[Sym, Sym | None]:
@@ -713,7 +765,8 @@ def decoder_layer(P: Program, L: Layout, x: Sym, W: dict, windowed: bool = False
         q = linear(P, L, hn, W, "q_proj", h, qd)
         k = linear(P, L, hn, W, "k_proj", h, kvd)
         v = linear(P, L, hn, W, "v_proj", h, kvd)
-    q, k = rope(P, q), rope(P, k)
+    phi3 = m.model_type == "phi3"
+    q, k = rope(P, q, phi3), rope(P, k, phi3)
     a, probs = attention(P, L, q, k, v, windowed)
     o = linear(P, L, a, W, "o_proj", qd, h)
     # The attention module's locals (q, k, v, its output) go when it returns, after o_proj; then the layer's normed
