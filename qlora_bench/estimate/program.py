@@ -604,7 +604,12 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
 
         # flash keeps q, k, v, its output and the log-sum-exp (the node holding its own output is a cycle that
         # running the node breaks; a checkpointed forward records no node)
-        return op(P, out, (qc, kc, vc), (qc, kc, vc, out, lse), backward), None
+        out = op(P, out, (qc, kc, vc), (qc, kc, vc, out, lse), backward)
+        if m.model_type == "phi3":
+            # flash's output is empty_like(q) (flash_api.cpp), so it has q's memory order: Phi-3's q comes out of
+            # torch.cat as [b, heads, s, d], and sdpa_attention_forward's transpose(1, 2).contiguous() copies it
+            return clone(P, out), None
+        return out, None
     # transformers repeats k and v to every head (repeat_kv) in the dtype they come in; autocast casts afterwards
     kr = elementwise(P, k, out_elems=k.elems * rep) if rep > 1 else k
     vr = elementwise(P, v, out_elems=v.elems * rep) if rep > 1 else v
