@@ -317,8 +317,9 @@ def matmul(P: Program, x: Sym, w: Sym, rows: int, o: int, eb: int) -> Sym:
     param = w if (w.__class__ is Param and w.eb == eb) else None  # its gradient becomes .grad as it is
 
     def backward(P, g, s, xe=x.elems, we=w.elems, xr=x.req, wr=w.req):
-        gx = P.new(xe, eb) if xr else None
+        # MmBackward / BmmBackward compute the second operand's gradient first (seen in `trace`)
         gw = P.new(we, eb, _grad_tag(param)) if wr else None
+        gx = P.new(xe, eb) if xr else None
         return gx, gw
 
     return op(P, out, (x, w), saved, backward)
