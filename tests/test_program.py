@@ -18,7 +18,7 @@ import pytest
 from qlora_bench.estimate import estimate, replayed
 from qlora_bench.estimate.allocator import replay
 from qlora_bench.estimate.overhead import overheads
-from qlora_bench.estimate.program import ACT, ADAPTERS, DENSE, GRAD, PERSISTENT_TAGS, QUANT, W4, program
+from qlora_bench.estimate.program import ACT, ADAPTERS, DENSE, GRAD, PERSISTENT_TAGS, QUANT, RECOMPUTE, W4, program
 from qlora_bench.estimate.weights import weight_bytes
 from qlora_bench.profiles import resolve_model
 from qlora_bench.results import load_records
@@ -201,3 +201,25 @@ def test_moe_expert_adapters_keep_the_merged_expert_stack_per_layer():
         stacks = [n for n in live.values() if n in (gate_up, down)]
         assert sum(stacks) == kept_layers * (gate_up + down)
         assert allocs_in_forward == m.num_layers * 4  # per layer: two throwaways, two kept for backward
+
+
+@pytest.mark.parametrize("method,skipped", [("full", 2), ("lora", 4)])
+def test_checkpoint_recompute_stops_at_the_last_saved_tensor(method, skipped):
+    """torch's non-reentrant checkpoint stops recomputing once the first forward's saved tensors are all back
+    (early stop, torch/utils/checkpoint.py). The last op of a Llama layer that saves anything is down_proj's
+    matmul (full: mm(x, W) saves x and W) or its lora_B (saves lora_A's output and lora_B's weight cast); what
+    follows never runs in the recompute: full, down_proj's output and the residual sum; LoRA, lora_B's output,
+    its scaling, the sum with the base output and the residual sum."""
+    model = resolve_model("llama-3.2-1b")
+    events = program(model, Settings(method=method, optimizer="adamw_torch_fused", seq=256), steps=1)
+    phase, first, recomputed = None, 0, 0
+    for ev in events:
+        if ev[0] == "phase":
+            phase = ev[1]
+        elif ev[0] == "alloc":
+            first += phase.startswith("forward") and ev[3] == ACT
+            recomputed += ev[3] == RECOMPUTE
+    shared = 3  # the embedding output and rotary cos / sin, allocated once outside the layers
+    per_layer = (first - shared) / model.num_layers
+    assert per_layer == int(per_layer)
+    assert recomputed == model.num_layers * (per_layer - skipped)
