@@ -897,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         type=flags.choice(("smoke", "full", "records")),
         default="smoke",
-        help="smoke (4 cases), full (240) or records (the committed GPU records' configurations, with their "
+        help="smoke (4 cases), full (220) or records (the committed GPU records' configurations, with their "
         "measurements)",
     )
     sp.add_argument(
