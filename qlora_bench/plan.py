@@ -125,6 +125,9 @@ def fits(model: ModelSpec, s: Settings, usable: int, anchor: Estimate | None = N
 # 70B step takes a quarter of a second, and the allocator's slack moves in whole segments, so the exact last
 # token is not worth a dozen replays. What they report always fits (it was replayed).
 SEARCH_RESOLUTION = 0.005
+# Replays spent moving the first guess next to the boundary before the walk: a guess from a far anchor (2048
+# tokens when the answer is 444) misses by a few %, one from a replay a few % away by a token or two.
+REANCHOR_STEPS = 2
 
 
 def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int, anchor: Estimate | None = None) -> int:
@@ -142,6 +145,12 @@ def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int, anc
         return seen[v]
 
     guess = min(max(_search(model, s, usable, key, 1, cap, anchor), 1), cap)
+    for _ in range(REANCHOR_STEPS):  # the proxy is best near its anchor: replay the guess, guess again from it
+        if guess in seen:
+            break
+        near = estimate(model, s.with_(**{key: guess}))
+        seen[guess] = _fits(near, usable)
+        guess = min(max(_search(model, s, usable, key, 1, cap, near), 1), cap)
     step = max(1, int(guess * SEARCH_RESOLUTION))
     if ok(guess):
         lo = guess
