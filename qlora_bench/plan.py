@@ -100,6 +100,22 @@ def usable_bytes(gpu: GpuSpec) -> int:
     return gpu.memory_total_bytes - overheads().driver_idle
 
 
+def retry_replay(model: ModelSpec, s: Settings, e: Estimate, usable: int):
+    """The step replayed against the GPU's capacity, for a step whose cache does not fit but whose tensors might:
+    when cudaMalloc fails, torch's allocator frees its cached blocks and retries before it raises
+    (CUDACachingAllocator.cpp, malloc's OOM path, modelled in allocator.py). The allocator may use what is usable,
+    less the safety margin and what is not its own (CUDA context, libraries). The Replay when the step completes
+    within that, else None."""
+    from .estimate import allocator_config, step_program
+    from .estimate.allocator import replay
+
+    capacity = int(usable / (1 + e.overheads.margin(s.method))) - (e.resident_device_bytes - e.peak_reserved_bytes)
+    if e.peak_allocated_bytes > capacity:
+        return None
+    r = replay(step_program(model, s, workspace=e.overheads.cublas_workspace), allocator_config(s), capacity)
+    return None if r.oom else r
+
+
 def required_bytes(e: Estimate) -> int:
     """What must be free on the GPU: resident device peak plus the method's calibrated safety margin."""
     return round(e.resident_device_bytes * (1 + e.overheads.margin(e.settings.method)))
@@ -437,6 +453,15 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
             notes.append(
                 "fits only without peft's fp32 upcast of embeddings/lm_head/norms: your trainer must not "
                 "call prepare_model_for_kbit_training (or must undo its cast)"
+            )
+    if not ok:
+        r = retry_replay(model, s, e, usable)
+        if r is not None:
+            notes.append(
+                f"at the limit: the step's cache ({e.peak_reserved_bytes / 2**30:.2f} GiB reserved) does not fit, but "
+                "its tensors do: torch frees cached blocks and retries when cudaMalloc fails, and replayed that way "
+                f"the step completes ({r.peak_reserved / 2**30:.2f} GiB reserved, {r.alloc_retries} retries, each a "
+                "synchronizing cudaFree): it may run, slower; the verdict counts the cache"
             )
     if model.max_position_embeddings and s.seq > model.max_position_embeddings:
         notes.append(

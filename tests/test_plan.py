@@ -1,6 +1,6 @@
 """plan: suggestions are concrete, each with its resulting peak, and they are true when re-planned."""
 
-from qlora_bench.plan import plan, usable_bytes
+from qlora_bench.plan import plan, retry_replay, usable_bytes
 from qlora_bench.profiles import resolve_gpu, resolve_model
 from qlora_bench.settings import Settings
 
@@ -48,3 +48,21 @@ def test_max_batch_and_seq_are_the_boundary():
     from qlora_bench.plan import required_bytes
 
     assert required_bytes(edge_s.estimate) > u >= required_bytes(p.estimate)
+
+
+def test_at_the_limit_the_allocator_retry_path_is_replayed(llama8b):
+    """A step whose cache does not fit but whose tensors do may still run: torch frees cached blocks and retries
+    when cudaMalloc fails. plan keeps the verdict (it counts the cache) and replays the step against the
+    capacity left to the allocator; it says so only when the replay completes within it."""
+    s = Settings()
+    near = resolve_gpu("15.1gb")  # usable between the step's allocated and reserved needs (8B QLoRA, 1x2048)
+    p = plan(llama8b, s, near)
+    e = p.estimate
+    assert p.verdict == "does not fit"
+    r = retry_replay(llama8b, s, e, usable_bytes(near))
+    assert r is not None and r.oom is None and r.alloc_retries > 0
+    assert e.peak_allocated_bytes <= r.peak_reserved < e.peak_reserved_bytes
+    assert any(n.startswith("at the limit:") for n in p.notes)
+    far = resolve_gpu("15gb")  # the live blocks' own fragmentation no longer fits: torch would raise
+    assert retry_replay(llama8b, s, plan(llama8b, s, far).estimate, usable_bytes(far)) is None
+    assert not any(n.startswith("at the limit:") for n in plan(llama8b, s, far).notes)

@@ -1098,6 +1098,7 @@ class Replay:
     timeline: list[tuple[int, int, int]] = field(default_factory=list)
     peak_allocated_event: int | None = None
     peak_reserved_event: int | None = None
+    alloc_retries: int = 0  # cudaMalloc failures survived by freeing cached blocks (torch's num_alloc_retries)
 
 
 def replay(
@@ -1207,6 +1208,7 @@ def replay(
         timeline=timeline,
         peak_allocated_event=a_event,
         peak_reserved_event=r_event,
+        alloc_retries=al.num_alloc_retries,
     )
 
 
