@@ -24,8 +24,11 @@ def _install_gpu(session: nox.Session) -> None:
 
 
 def _gpu_slug(session: nox.Session) -> str:
-    return session.run("python", "-c", "from qlora_bench.profiles import gpu_slug; print(gpu_slug())",
-                       silent=True).strip().splitlines()[-1]
+    return (
+        session.run("python", "-c", "from qlora_bench.profiles import gpu_slug; print(gpu_slug())", silent=True)
+        .strip()
+        .splitlines()[-1]
+    )
 
 
 @nox.session
@@ -41,7 +44,7 @@ def fuzz(session: nox.Session) -> None:
     _install_cpu(session)
     session.env.setdefault("QLORA_BENCH_FUZZ_EXAMPLES", os.environ.get("QLORA_BENCH_FUZZ_EXAMPLES", "20000"))
     session.env.setdefault("QLORA_BENCH_PROPERTY_EXAMPLES", os.environ.get("QLORA_BENCH_PROPERTY_EXAMPLES", "10"))
-    session.env.setdefault("QLORA_BENCH_HYPOTHESIS_PROFILE", "fuzz")
+    session.env.setdefault("QLORA_BENCH_HYPOTHESIS_PROFILE", os.environ.get("QLORA_BENCH_HYPOTHESIS_PROFILE", "fuzz"))
     session.run("pytest", "tests/test_fuzz_inputs.py", "tests/test_properties.py", "-q", *session.posargs)
 
 
@@ -55,8 +58,16 @@ def lint(session: nox.Session) -> None:
 def bench_cpu(session: nox.Session) -> None:
     """CPU benchmarks: the estimator, plan's search, loading and validating the committed results."""
     _install_cpu(session)
-    session.run("pytest", "tests/benchmarks", "-m", "not gpu", "--benchmark-only",
-                "--benchmark-json", "bench-cpu.json", *session.posargs)
+    session.run(
+        "pytest",
+        "tests/benchmarks",
+        "-m",
+        "not gpu",
+        "--benchmark-only",
+        "--benchmark-json",
+        "bench-cpu.json",
+        *session.posargs,
+    )
 
 
 @nox.session
@@ -73,8 +84,19 @@ def bench_gpu(session: nox.Session) -> None:
     args = ["--compare-baseline", baseline] if os.path.isfile(baseline) else []
     if not args:
         session.warn(f"no baseline {baseline}: measuring only (create one with `qlora-bench baseline update`)")
-    session.run("pytest", "tests/benchmarks", "-m", "gpu", "--benchmark-only", "--benchmark-json",
-                f"bench-gpu-{slug}.json", "--bench-results", f"results/{slug}/bench.jsonl", *args, *session.posargs)
+    session.run(
+        "pytest",
+        "tests/benchmarks",
+        "-m",
+        "gpu",
+        "--benchmark-only",
+        "--benchmark-json",
+        f"bench-gpu-{slug}.json",
+        "--bench-results",
+        f"results/{slug}/bench.jsonl",
+        *args,
+        *session.posargs,
+    )
 
 
 @nox.session
@@ -98,5 +120,12 @@ def crosscheck(session: nox.Session) -> None:
     """The analytic estimator against `trace` on the full grid (CPU, about an hour on 2 cores; resumes where it
     stopped): writes results/crosscheck/grid.json and grid.md, which are committed."""
     _install_cpu(session)
-    session.run("qlora-bench", "crosscheck", "--grid", "full", "--jobs", os.environ.get("QLORA_BENCH_JOBS", "2"),
-                *session.posargs)
+    session.run(
+        "qlora-bench",
+        "crosscheck",
+        "--grid",
+        "full",
+        "--jobs",
+        os.environ.get("QLORA_BENCH_JOBS", "2"),
+        *session.posargs,
+    )

@@ -41,7 +41,12 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.model} {self.settings.describe()}" + ("" if self.settings.upcast_non_quantized else " no-upcast")
+        s = self.settings
+        return (
+            f"{self.model} {s.describe()}"
+            + ("" if s.upcast_non_quantized else " no-upcast")
+            + ("" if s.compute_dtype == "bf16" else f" {s.compute_dtype}")
+        )
 
 
 def _settings(method: str, **kw) -> Settings:
@@ -112,6 +117,11 @@ def grid(name: str = "full") -> list[Case]:
         kw = _moe_dropout(model, "qlora") | _attn(model)
         cases.append(Case(model, _settings("qlora", batch=b, seq=s, **{"double_quant": False, **kw})))
         cases.append(Case(model, _settings("qlora", batch=b, seq=s, **{"upcast_non_quantized": False, **kw})))
+    for model, method in itertools.product(FAMILIES, ("lora", "full")):  # fp32 compute: SDPA's kernel changes
+        if resolve_model(model).is_moe:  # grouped_mm refuses fp32 experts (plan says so)
+            continue
+        kw = _attn(model)  # (grouped-query heads: math; others: memory-efficient)
+        cases.append(Case(model, _settings(method, batch=2, seq=1024, compute_dtype="fp32", **kw)))
     return list({c.id: c for c in cases}.values())  # (MoE QLoRA is no-upcast already: one case, not two)
 
 

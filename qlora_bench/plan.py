@@ -152,7 +152,7 @@ def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int, anc
     walk from it with doubling steps and bisect the bracket, so a good guess costs two or three replays."""
     anchor = anchor or estimate(model, s)
     seen: dict[int, bool] = {}
-    if anchor.settings == s:  # the caller's own value was replayed already: never report less than it
+    if anchor.settings == s and anchor.replay is not None:  # the caller's own value, replayed: never report less
         seen[getattr(s, key)] = fits_with_margin(anchor, usable)
 
     def ok(v: int) -> bool:
@@ -418,6 +418,7 @@ def from_trace(e: Estimate, t) -> Estimate:
         fragmentation_bytes=t.peak_reserved_bytes - t.peak_allocated_bytes,
         device_low_bytes=min(e.device_low_bytes, t.peak_device_bytes),
         device_high_bytes=max(e.device_high_bytes, t.peak_device_bytes),
+        replay=None,  # the peaks are the trace's, not this replay's (plan's searches replay the estimator)
         notes=[
             *e.notes,
             f"answered by trace ({t.versions.get('torch', '?')}, {t.steps} steps, {t.seconds.get('wall', 0):.0f} s); "

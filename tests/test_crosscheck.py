@@ -58,7 +58,7 @@ def test_mechanisms_on_two_real_size_layers(case):
 def test_committed_grid_covers_every_family_and_is_current():
     rows = crosscheck.read_rows(GRID)
     traced = [r for r in rows if r.get("trace")]
-    assert len(rows) >= 200
+    assert len(traced) == len(rows) >= 200, [r["case"] for r in rows if not r.get("trace")]
     assert {r["model"] for r in traced} >= set(crosscheck.FAMILIES)
     missed = [(r["case"], r["allocated_diff"], r["reserved_diff"]) for r in traced if not r["within"]]
     assert not missed, missed  # the targets hold on every committed configuration
@@ -76,4 +76,5 @@ def test_grid_has_the_configurations_the_issue_asks_for():
     assert {x.attn for x in s} == {"sdpa", "eager"}  # (Gemma-2: eager only; transformers refuses sdpa for it)
     assert len({(x.batch, x.seq) for x in s}) >= 3
     assert any(not x.double_quant for x in s) and any(not x.upcast_non_quantized for x in s)
+    assert {x.compute_dtype for x in s} == {"bf16", "fp32"}  # fp32: SDPA's math / memory-efficient kernels
     assert len({c.id for c in cases}) == len(cases)

@@ -165,7 +165,12 @@ def _notes(model: ModelSpec, s: Settings, w: WeightBytes) -> list[str]:
             "peft 0.21 refuses LoRA dropout on fused MoE experts (lora.ParamWrapper): train with --dropout 0, or "
             "--targets attn to leave the experts alone"
         )
-    if model.is_moe and s.method == "qlora" and s.upcast_non_quantized:
+    if model.is_moe and s.compute_dtype == "fp32":
+        notes.append(
+            "transformers 5.23 runs MoE experts with grouped_mm on sm80+ GPUs, which refuses fp32 experts "
+            "('Expected inputs of BF16 type', seen in `trace`): use --compute-dtype bf16"
+        )
+    elif model.is_moe and s.method == "qlora" and s.upcast_non_quantized:
         notes.append(
             "transformers 5.23 runs MoE experts with grouped_mm on sm80+ GPUs, which refuses the fp32 experts "
             "prepare_model_for_kbit_training leaves ('Expected inputs of BF16 type'): use --no-upcast-non-quantized "

@@ -80,6 +80,7 @@ class Program:
         self.saves = 0
         self.budget: int | None = None
         self.stopped = False
+        self.stop_seq: int | None = None  # the node whose saves completed the recompute's budget
 
     def new(self, elems: int, eb: int, tag: str | None = None) -> Sym:
         k = self.n
@@ -164,7 +165,14 @@ def _packed(P: Program, n: int, out: Sym | None) -> None:
     if P.budget > 0:
         return
     P.budget, P.stopped = None, True
-    if out is not None and P.events and P.events[-1][0] == "alloc" and P.events[-1][1] == out.key:
+    P.stop_seq = P.seq + (1 if out is not None else 0)  # an input-saving op's node is numbered next
+    if (
+        out is not None
+        and type(out) is Sym  # (a view, an alias or a parameter allocated nothing here)
+        and P.events
+        and P.events[-1][0] == "alloc"
+        and P.events[-1][1] == out.key
+    ):
         P.events.pop()
         out.__class__ = Ghost
 
@@ -195,11 +203,22 @@ def checkpoint(P: Program, fn, x: Sym) -> Sym:
         xa = Alias(s[0])
         ctx, tag = P.autocast_cache, P.tag
         P.autocast_cache, P.tag = [], RECOMPUTE  # the recompute runs in its own autocast region
-        P.budget = saves or None
+        # a layer that saved nothing is never recomputed: nothing is ever unpacked (its nodes still run)
+        P.budget, P.stopped, P.stop_seq = (saves or None), not saves, None
+        start = len(P.events)
         y = fn(xa)
         P.budget, P.stopped = None, False
         P.autocast_cache, P.tag = ctx, tag
-        run_backward(P, y, g)
+        mark, stop = len(P.events), P.stop_seq
+
+        def first_unpack():
+            # torch recomputes when backward first unpacks a saved tensor: the nodes after the stop point save
+            # nothing and run before it, so what their backward emitted goes before the recompute's events
+            moved = P.events[mark:]
+            del P.events[mark:]
+            P.events[start:start] = moved
+
+        run_backward(P, y, g, stop, first_unpack)
         del y, g
         gx = xa.grad
         xa.grad = None
@@ -211,8 +230,9 @@ def checkpoint(P: Program, fn, x: Sym) -> Sym:
 
 
 # ---- the autograd engine --------------------------------------------------------------------------------------
-def run_backward(P: Program, root: Sym, g: Sym) -> None:
-    """Backward from `root` with gradient `g`; trainable leaves get `.grad` (listed in P.grads when new)."""
+def run_backward(P: Program, root: Sym, g: Sym, pause: int | None = None, on_pause=None) -> None:
+    """Backward from `root` with gradient `g`; trainable leaves get `.grad` (listed in P.grads when new).
+    `on_pause()` runs once, before the first node numbered `pause` or lower."""
     buffers = {id(root.node): g}
     nodes = {id(root.node): root.node}
     heap = [(-root.node.seq, id(root.node))]
@@ -220,6 +240,9 @@ def run_backward(P: Program, root: Sym, g: Sym) -> None:
     while heap:
         _, nid = heapq.heappop(heap)
         node = nodes.pop(nid)
+        if pause is not None and node.seq <= pause:
+            on_pause()
+            pause = None
         gout = buffers.pop(nid)
         P.tag = node.tag
         gins = node.backward(P, gout, node.saved)
@@ -595,7 +618,10 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
     m, T, c = L.m, L.T, L.c
     a, kvh, seq, b = m.num_heads, m.num_kv_heads, L.s.seq, L.s.batch
     rep = a // kvh
-    if L.s.attn != "eager" and not windowed:
+    backend = "eager" if L.s.attn == "eager" else sdpa_kernel(L, windowed)
+    if backend == "math":
+        return _math_attention(P, L, q, k, v, rep), None
+    if backend == "flash":
         qc, kc, vc = (cast(P, t, c) for t in (q, k, v)) if L.autocast else (q, k, v)  # autocast's casts
         out = P.new(q.elems, qc.eb)
         lse = P.new(T * a, LSE_BYTES)
@@ -614,11 +640,11 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
     # transformers repeats k and v to every head (repeat_kv) in the dtype they come in; autocast casts afterwards
     kr = elementwise(P, k, out_elems=k.elems * rep) if rep > 1 else k
     vr = elementwise(P, v, out_elems=v.elems * rep) if rep > 1 else v
-    if L.s.attn != "eager":
+    if backend == "efficient":
         # memory-efficient attention: the bool mask converted to an additive one per call
         # (convert_boolean_attn_mask), kept for backward with q, k, v, the output and a log-sum-exp padded to 32
         qc, kc, vc = (cast(P, t, c) for t in (q, kr, vr)) if L.autocast else (q, kr, vr)
-        bias = P.new(b * seq * seq, qc.eb)
+        bias = P.new(b * seq * seq, qc.eb) if windowed else None  # without a mask: is_causal, no bias
         out = P.new(q.elems, qc.eb)
         lse = P.new(b * a * -(-seq // 32) * 32, LSE_BYTES)
 
@@ -662,6 +688,54 @@ def attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, windowed: bool = Fa
     o = clone(P, out)  # transpose(1, 2).contiguous(), before the function's locals (repeated k, v) go
     del out, kr, vr
     return o, pq
+
+
+def sdpa_kernel(L: Layout, windowed: bool) -> str:
+    """The kernel CUDA SDPA picks on sm80 / sm90 (sdp_utils.cpp; the trace's patches.sdpa_backend is the same
+    rule): flash for 16-bit inputs without a mask and a head dim <= 256, a multiple of 8 (grouped-query heads
+    natively); memory-efficient for 16- or 32-bit inputs without grouped-query heads (transformers repeats k and
+    v when it passes a mask, and passes enable_gqa instead without one); math otherwise (fp32 grouped-query)."""
+    hd, gqa = L.m.head_dim, L.m.num_heads != L.m.num_kv_heads and not windowed
+    if not windowed and L.autocast and hd <= 256 and hd % 8 == 0:
+        return "flash"
+    if not gqa and hd % 8 == 0:
+        return "efficient"
+    return "math"
+
+
+def _math_attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, rep: int) -> Sym:
+    """torch's math SDPA (_scaled_dot_product_attention_math), as `trace` records it: q * sqrt(scale), the causal
+    bias from a bool tril, k and v repeated (enable_gqa), k * sqrt(scale), q @ k^T, + bias, _safe_softmax (keeps
+    its output), @ v; its locals go as it returns, then transformers' transpose(1, 2).contiguous() copies."""
+    m, b, seq = L.m, L.s.batch, L.s.seq
+    if L.autocast:  # SDPA is on autocast's lower-precision list
+        q, k, v = (cast(P, t, L.c) for t in (q, k, v))
+    qs = scale(P, q)
+    ones = P.new(seq * seq, 1)
+    tril = P.new(seq * seq, 1)
+    del ones
+    bias = P.new(seq * seq, q.eb)
+    del tril
+    kr = elementwise(P, k, out_elems=k.elems * rep) if rep > 1 else k
+    vr = elementwise(P, v, out_elems=v.elems * rep) if rep > 1 else v
+    ks = scale(P, kr)
+    phi3 = m.model_type == "phi3"
+    qf, kf = _folded(P, qs, b, phi3), _folded(P, ks, b, phi3 or rep > 1)
+    del ks
+    sc = matmul(P, qf, kf, 1, b * m.num_heads * seq * seq, q.eb)
+    del qf, kf
+    msk = add(P, sc, bias)
+    del sc
+    pr = _keeps_output(
+        P, op(P, P.new(msk.elems, q.eb), (msk,), (), lambda P, g, s, n=msk.elems, e=q.eb: (P.new(n, e),))
+    )
+    del msk
+    vf = _folded(P, vr, b, rep > 1)
+    out = matmul(P, pr, vf, 1, q.elems, q.eb)
+    del pr, vf, qs, bias, kr, vr
+    o = clone(P, out)
+    del out
+    return o
 
 
 def _folded(P: Program, x: Sym, batch: int, contiguous: bool) -> Sym:
@@ -734,10 +808,11 @@ def moe_experts(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
         xc = cast(P, inp, w.eb)  # grouped_mm is not autocast-enabled: the input is cast to the weight's dtype
         return w, matmul(P, xc, w, S, o, w.eb)
 
-    xg = op(P, P.new(S * h, x.eb), (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))  # x[perm // k]
+    idx = P.new(S, 8)  # perm // k (int64)
+    xg = op(P, P.new(S * h, x.eb), (x,), (idx,), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))  # x[perm // k]
+    del idx
     wg = elementwise(P, weights, eb=4)  # sample_weights[perm]
-    wgu, gu = grouped_linear(xg, "experts.gate_up_proj", 2 * i)
-    del xg
+    wgu, gu = grouped_linear(xg, "experts.gate_up_proj", 2 * i)  # (xg is a local until the function returns)
     g, u = view(P, gu, S * i), view(P, gu, S * i)
     del gu
     act = elementwise(P, g, keep_input=True)
@@ -748,13 +823,15 @@ def moe_experts(P: Program, L: Layout, x: Sym, W: dict) -> Sym:
     del p
     y = mul(P, d, wg, eb=4)  # proj_out * sample_weights_g: fp32
     del d, wg
-    y2 = op(P, P.new(S * h, 4), (y,), (), lambda P, g, s, n=S * h: (P.new(n, 4),))  # weighted_out[inv_perm]
+    inv = P.new(S, 8)
+    y2 = op(P, P.new(S * h, 4), (y,), (inv,), lambda P, g, s, n=S * h: (P.new(n, 4),))  # weighted_out[inv_perm]
+    del inv
     del y
     # view(T, k, h).sum(1): its backward expands the gradient (a view, no storage)
     y3 = op(P, P.new(T * h, 4), (y2,), (), lambda P, g, s, n=S * h: (View(g, n),))
     del y2
     out = cast(P, y3, x.eb)
-    del y3, wgu, wdown
+    del y3, wgu, wdown, xg
     stacks.clear()  # parametrize's cache and the proxies go when the wrappers' contexts exit
     return out
 
