@@ -1007,6 +1007,8 @@ def forward_loss(P: Program, L: Layout, M: dict, workspace: int) -> Sym:
     P.shared = [P.new(T * m.head_dim, x.eb) for _ in range(2)]
     if s.attn == "eager" or L.windowed:
         P.shared.append(P.new(b * S * S, x.eb if s.attn == "eager" else 1))
+    if s.attn == "eager" and m.model_type == "gemma2":  # Gemma-2 builds a full and a sliding-window mask, always
+        P.shared.append(P.new(b * S * S, x.eb))
     for i, W in enumerate(M["layers"]):
         win = i in L.windowed
         if s.gradient_checkpointing:
