@@ -28,7 +28,8 @@ def test_bench_replay_8b_step(benchmark):
     events = program(resolve_model("llama-3.1-8b"), Settings(), workspace=64 << 20)
     r = benchmark(replay, events)
     assert r.peak_reserved >= r.peak_allocated
-    # issue 10's target is 50 ms; an 8B step is ~56k events and replays in ~60 ms (not met)
+    # issue 10's target is 50 ms; an 8B step is ~55k events and replays in 46-50 ms on a 2-core CPU (at the
+    # target, not safely under it)
     assert benchmark.stats["mean"] < 0.15
 
 
@@ -36,8 +37,8 @@ def test_bench_plan_70b_48gb(benchmark):
     m, g = resolve_model("70b"), resolve_gpu("48gb")
     p = benchmark.pedantic(plan, (m, Settings(), g), setup=_cold, rounds=3)
     assert p.verdict == "does not fit"
-    # issue 10's target is 0.3 s with the replay inside; today ~1.3 s (the verdict, the breakdown and each
-    # search's answer are replayed): not met, recorded
+    # issue 10's target is 0.3 s with the replay inside; today ~1.4 s (the verdict, the breakdown, each search's
+    # answer and the deciding suggestion are replayed: 6 steps of ~135k events): not met, recorded
     assert benchmark.stats["mean"] < 3.0
 
 
