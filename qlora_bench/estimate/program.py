@@ -486,40 +486,34 @@ def windowed_layers(model: ModelSpec, s: Settings) -> set[int]:
     return set()
 
 
-def rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
-    """LlamaRMSNorm: h = x.to(fp32); h * rsqrt(h.pow(2).mean(-1) + eps); weight * h.to(input dtype)."""
-    if L.m.model_type == "gemma2":
-        return gemma_rmsnorm(P, L, x, w)
-    T = L.T
+def _normalized(P: Program, L: Layout, x: Sym) -> Sym:
+    """Both RMSNorms' start: h = x.to(fp32); h * rsqrt(h.pow(2).mean(-1) + eps), fp32 (h goes as it returns)."""
     h32 = cast(P, x, 4)
     var = elementwise(P, h32, keep_input=True)  # pow(2)
-    var2 = elementwise(P, var, out_elems=T)  # mean(-1): its backward expands to the full size
+    var2 = elementwise(P, var, out_elems=L.T)  # mean(-1): its backward expands to the full size
     del var
     var3 = scale(P, var2)  # + eps
     del var2
     rs = elementwise(P, var3, keep_input=True)  # rsqrt
     del var3
-    y32 = mul(P, h32, rs)
-    del rs, h32
+    return mul(P, h32, rs)
+
+
+def rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
+    """LlamaRMSNorm: weight * normalized.to(input dtype); the fp32 normalized x is a local until it returns."""
+    if L.m.model_type == "gemma2":
+        return gemma_rmsnorm(P, L, x, w)
+    y32 = _normalized(P, L, x)
     y = cast(P, y32, x.eb)
     out = mul(P, w, y)
-    del y, y32  # `hidden_states` (fp32) is a local until the norm returns
+    del y, y32
     return out
 
 
 def gemma_rmsnorm(P: Program, L: Layout, x: Sym, w: Sym) -> Sym:
-    """Gemma2RMSNorm: h = x.float(); n = h * rsqrt(h.pow(2).mean(-1) + eps); (n * (1 + weight.float())).type_as(x):
-    the product with the weight is fp32, cast back last."""
-    h32 = cast(P, x, 4)
-    var = elementwise(P, h32, keep_input=True)  # pow(2)
-    var2 = elementwise(P, var, out_elems=L.T)  # mean(-1)
-    del var
-    var3 = scale(P, var2)  # + eps
-    del var2
-    rs = elementwise(P, var3, keep_input=True)  # rsqrt
-    del var3
-    n = mul(P, h32, rs)
-    del rs, h32  # `_norm` returns
+    """Gemma2RMSNorm: (normalized * (1 + weight.float())).type_as(x): the product with the weight is fp32, cast
+    back last."""
+    n = _normalized(P, L, x)
     w1 = scale(P, cast(P, w, 4))  # 1.0 + weight.float(): a vector
     y = mul(P, n, w1)
     del n, w1
