@@ -41,12 +41,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        s = self.settings
-        return (
-            f"{self.model} {s.describe()}"
-            + ("" if s.upcast_non_quantized else " no-upcast")
-            + ("" if s.compute_dtype == "bf16" else f" {s.compute_dtype}")
-        )
+        return f"{self.model} {self.settings.describe()}" + ("" if self.settings.upcast_non_quantized else " no-upcast")
 
 
 def _settings(method: str, **kw) -> Settings:

@@ -167,6 +167,8 @@ class Settings:
             "gc" if self.gradient_checkpointing else "no-gc",
             self.attn,
         ]
+        if self.compute_dtype != "bf16":
+            parts.append(self.compute_dtype)
         if self.alloc_conf:
             parts.append(self.alloc_conf)
         return " ".join(parts)
