@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import InputError, shown
-from .estimate import Estimate, estimate
+from .estimate import Estimate, allocator_config, estimate, step_program
+from .estimate.allocator import replay
 from .estimate.overhead import overheads
 from .profiles import GpuSpec, ModelSpec, gpu_names, resolve_gpu
 from .settings import Settings
@@ -106,9 +107,6 @@ def retry_replay(model: ModelSpec, s: Settings, e: Estimate, usable: int):
     (CUDACachingAllocator.cpp, malloc's OOM path, modelled in allocator.py). The allocator may use what is usable,
     less the safety margin and what is not its own (CUDA context, libraries). The Replay when the step completes
     within that, else None."""
-    from .estimate import allocator_config, step_program
-    from .estimate.allocator import replay
-
     capacity = int(usable / (1 + e.overheads.margin(s.method))) - (e.resident_device_bytes - e.peak_reserved_bytes)
     if e.peak_allocated_bytes > capacity:
         return None

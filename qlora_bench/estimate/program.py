@@ -413,9 +413,10 @@ def view(P: Program, x: Sym, elems: int) -> Sym:
     return op(P, View(x, elems), (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
 
 
-def _keeps_output(P: Program, out: Sym) -> Sym:
-    """An op whose backward uses its own output (softmax, tanh): the node holds it (a reference cycle that
-    running the node breaks), packed after the op computed it."""
+def keeps_output(P: Program, x: Sym, eb: int) -> Sym:
+    """A one-input kernel whose backward uses its own output (softmax, _safe_softmax, tanh): the node holds the
+    output (a reference cycle that running the node breaks), packed after the op computed it."""
+    out = op(P, P.new(x.elems, eb), (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),))
     if out.node is PENDING:
         P.saves += 1
     elif out.node is not None:
@@ -426,15 +427,13 @@ def _keeps_output(P: Program, out: Sym) -> Sym:
 
 
 def softmax(P: Program, x: Sym) -> Sym:
-    """softmax(dtype=float32) keeps its output (the node's reference to it is dropped when the node runs)."""
-    out = P.new(x.elems, 4)
-    return _keeps_output(P, op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),)))
+    """softmax(dtype=float32) keeps its fp32 output."""
+    return keeps_output(P, x, 4)
 
 
 def tanh(P: Program, x: Sym) -> Sym:
-    """tanh keeps its output for backward (tanh_backward(grad, result)), as softmax does."""
-    out = P.new(x.elems, x.eb)
-    return _keeps_output(P, op(P, out, (x,), (), lambda P, g, s, n=x.elems, e=x.eb: (P.new(n, e),)))
+    """tanh keeps its output for backward (tanh_backward(grad, result))."""
+    return keeps_output(P, x, x.eb)
 
 
 def clone(P: Program, x: Sym) -> Sym:
@@ -720,9 +719,7 @@ def _math_attention(P: Program, L: Layout, q: Sym, k: Sym, v: Sym, rep: int) -> 
     del qf, kf
     msk = add(P, sc, bias)
     del sc
-    pr = _keeps_output(
-        P, op(P, P.new(msk.elems, q.eb), (msk,), (), lambda P, g, s, n=msk.elems, e=q.eb: (P.new(n, e),))
-    )
+    pr = keeps_output(P, msk, q.eb)  # _safe_softmax
     del msk
     vf = _folded(P, vr, b, rep > 1)
     out = matmul(P, pr, vf, 1, q.elems, q.eb)
