@@ -249,75 +249,145 @@ def fit(records: list[Record], where: str = "the records", crosscheck_rows: list
         for m, v in spread["under_p95"].items():
             under[m] = max(under.get(m, 0.0), v)
     out["safety_margin"] = {**under, "default": max(under.values())}
-    out["throughput"] = fit_throughput(recs)
+    out["step_time"] = fit_step_time(records)
     return out
 
 
-def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (tiny systems: no numpy in the base install)."""
-    n = len(b)
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
-    for c in range(n):
-        p = max(range(c, n), key=lambda r: abs(m[r][c]))
-        m[c], m[p] = m[p], m[c]
-        if abs(m[c][c]) < 1e-300:
-            raise ZeroDivisionError("singular system")
-        for r in range(n):
-            if r != c:
-                f = m[r][c] / m[c][c]
-                m[r] = [x - f * y for x, y in zip(m[r], m[c], strict=True)]
-    return [m[i][n] / m[i][i] for i in range(n)]
+# ---- step time ------------------------------------------------------------------------------------------------
+# The MFU no prediction may exceed: the best measured on that GPU class plus 10 points, never above 60 % on the
+# plain HF stack (issue 11). Steps of < 1 s cannot separate the matmul efficiency from the rest, so the fit is held
+# below the MFU that the largest configurations of the measured models would otherwise be predicted to reach.
+MFU_HEADROOM, MFU_CEILING = 0.10, 0.60
+# The configurations that check the cap: each measured model fine-tuned in full without checkpointing (the most
+# GEMM-bound step: the highest MFU any setting reaches) at the largest steps people plan, 8 x 4,096 and 1 x 32,768
+# tokens
+MFU_PROBE_SIZES = ((8, 4096), (1, 32768))
 
 
-def nonneg_least_squares(rows: list[list[float]], target: list[float]) -> list[float]:
-    """min ||X b - y|| with b >= 0, by refitting without the columns that come out negative (3 columns)."""
-    active = [j for j in range(len(rows[0])) if any(r[j] for r in rows)]
-    while active:
-        ata = [[sum(r[i] * r[j] for r in rows) for j in active] for i in active]
-        aty = [sum(r[i] * y for r, y in zip(rows, target, strict=True)) for i in active]
-        sol = _solve(ata, aty)
-        if all(v >= 0 for v in sol):
-            out = [0.0] * len(rows[0])
-            for j, v in zip(active, sol, strict=True):
-                out[j] = v
-            return out
-        active = [j for j, v in zip(active, sol, strict=True) if v >= 0]
-    return [0.0] * len(rows[0])
+def _nelder_mead(f, x0: list[float], step: float = 0.5, iters: int = 2000, tol: float = 1e-10) -> list[float]:
+    """Minimize f from x0 (Nelder and Mead 1965, standard coefficients): no gradient, deterministic."""
+    n = len(x0)
+    pts = [list(x0)] + [[x0[j] + (step if j == i else 0.0) for j in range(n)] for i in range(n)]
+    vals = [f(p) for p in pts]
+    for _ in range(iters):
+        order = sorted(range(n + 1), key=lambda i: vals[i])
+        pts, vals = [pts[i] for i in order], [vals[i] for i in order]
+        if vals[-1] - vals[0] < tol:
+            break
+        c = [sum(p[j] for p in pts[:-1]) / n for j in range(n)]
+        xr = [2 * c[j] - pts[-1][j] for j in range(n)]
+        fr = f(xr)
+        if fr < vals[0]:
+            xe = [3 * c[j] - 2 * pts[-1][j] for j in range(n)]
+            fe = f(xe)
+            pts[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < vals[-2]:
+            pts[-1], vals[-1] = xr, fr
+        else:
+            xc = [(c[j] + pts[-1][j]) / 2 for j in range(n)]
+            fc = f(xc)
+            if fc < vals[-1]:
+                pts[-1], vals[-1] = xc, fc
+            else:
+                for i in range(1, n + 1):
+                    pts[i] = [(pts[0][j] + pts[i][j]) / 2 for j in range(n)]
+                    vals[i] = f(pts[i])
+    return pts[min(range(n + 1), key=lambda i: vals[i])]
 
 
-def fit_throughput(recs: list[Record]) -> dict:
-    """Step-time coefficients by least squares on relative errors (each record's regressors divided by its
-    measured median step time, fitted to 1), all non-negative and the FLOPs efficiency at most 1."""
-    from .estimate.throughput import ThroughputModel, features
+def _fit_theta(cases: list, bounds: dict, start: dict, probes=(), rounds: int = 2, iters: int = 1500) -> dict:
+    """Least squares on log(predicted / measured) step time over (blocks, peak, bandwidth, seconds) cases, each
+    constant searched in log space inside its bounds; `probes` (blocks, peak, bandwidth, useful FLOPs, MFU cap)
+    add a steep penalty where their predicted MFU would pass the cap."""
+    from .estimate.steptime import THETA_KEYS, simulate
+
+    lo = [math.log(bounds[k][0]) for k in THETA_KEYS]
+    hi = [math.log(bounds[k][1]) for k in THETA_KEYS]
+
+    def theta_of(x):
+        return {k: math.exp(min(max(v, a), b)) for k, v, a, b in zip(THETA_KEYS, x, lo, hi, strict=True)}
+
+    def loss(x):
+        th = theta_of(x)
+        out = sum((v - min(max(v, a), b)) ** 2 for v, a, b in zip(x, lo, hi, strict=True))  # leave the bounds: costs
+        for blocks, peak, bw, t in cases:
+            out += math.log(simulate(blocks, th, peak, bw)[0] / t) ** 2
+        for blocks, peak, bw, useful, cap in probes:
+            over = useful / (simulate(blocks, th, peak, bw)[0] * peak) / cap
+            if over > 1:
+                out += 100 * math.log(over) ** 2
+        return out
+
+    x = [math.log(min(max(start[k], bounds[k][0]), bounds[k][1])) for k in THETA_KEYS]
+    for _ in range(rounds):  # a restart: a simplex collapsed along one constant gets a fresh one
+        x = _nelder_mead(loss, x, iters=iters)
+    return {k: float(f"{v:.6g}") for k, v in theta_of(x).items()}
+
+
+# A start inside the physical ranges (the fit moves away from it; only its basin matters)
+THETA_START = {"e_mm": 0.6, "e_attn": 0.4, "e_bw": 0.7, "t_min": 3e-6, "c_py": 2e-5, "c_eng": 1e-5, "c_mod": 1e-4}
+
+
+def fit_step_time(records: list[Record]) -> dict:
+    """Per GPU profile with measured step times: the step-time constants (estimate/steptime.py) fitted on the
+    records not held out, each record's error, and its leave-one-out error (refitted without it)."""
+    from .estimate.steptime import THETA_BOUNDS, StepTimeModel, simulate, step_blocks
+    from .estimate.throughput import flops, mfu
     from .profiles import gpu_from_device_name
 
-    rows, used = [], []
-    for r in recs:
+    by_gpu: dict[str, list] = {}
+    for r in records:
         gpu = gpu_from_device_name((r.data.get("environment") or {}).get("gpu_name"))
         t = r.measured.get("step_seconds_median")
-        f = features(r.model_spec(), r.settings, gpu) if gpu else None
-        if f and t:
-            rows.append([x / t for x in f])
-            used.append((r, gpu, t))
-    if len(rows) < 3:
-        return {}
-    # efficiency <= 1 (nobody beats the dense peak): fit u = 1/efficiency - 1 >= 0 on what the ideal time leaves
-    target = [1.0 - row[0] for row in rows]
-    try:
-        u, *rest = nonneg_least_squares(rows, target)
-    except ZeroDivisionError:  # the records cannot tell the terms apart (e.g. one configuration repeated)
-        return {}
-    coef = [round(1.0 + u, 8), *(round(c, 8) for c in rest)]
-    model = ThroughputModel(*coef)
-    errors = {r.id: round(model.step_seconds(r.model_spec(), r.settings, gpu) / t - 1, 4) for r, gpu, t in used}
-    return {
-        "inv_flops_efficiency": coef[0],
-        "seconds_per_layer_full": coef[1],
-        "seconds_per_layer_adapters": coef[2],
-        "inv_bandwidth_efficiency": coef[3],
-        "fitted_on": sorted(errors),
-        "step_time_rel_error": errors,
-    }
+        if not (r.ok and gpu and t and gpu.dense_tflops and gpu.memory_bandwidth_GBps):
+            continue
+        if r.settings.compute_dtype == "fp32":
+            continue
+        case = (step_blocks(r.model_spec(), r.settings), gpu.dense_tflops * 1e12, gpu.memory_bandwidth_GBps * 1e9, t)
+        by_gpu.setdefault(gpu.name, []).append((r, gpu, case))
+    out = {}
+    for name, rows in sorted(by_gpu.items()):
+        fitted = [x for x in rows if not is_held_out(x[0].id)]
+        if len(fitted) < 8:  # seven constants
+            continue
+        gpu = rows[0][1]
+        best_mfu = max(mfu(r.model_spec(), r.settings, gpu, r.measured["tokens_per_sec"])[0] for r, _, _ in rows)
+        cap = min(best_mfu + MFU_HEADROOM, MFU_CEILING)
+        models = sorted({r.model for r, _, _ in rows})
+        probes = [
+            (
+                r.model_spec(),
+                r.settings.with_(batch=b, seq=q, grad_accum=1, method="full", gradient_checkpointing=False),
+            )
+            for m in models
+            for r in [next(x[0] for x in rows if x[0].model == m)]
+            for b, q in MFU_PROBE_SIZES
+        ]
+        peak, bw = gpu.dense_tflops * 1e12, gpu.memory_bandwidth_GBps * 1e9
+        checks = [
+            (step_blocks(m, s), peak, bw, flops(m, s).useful_per_token * s.batch * s.seq * s.grad_accum, cap)
+            for m, s in probes
+        ]
+        theta = _fit_theta([c for _, _, c in fitted], THETA_BOUNDS, THETA_START, checks)
+        model = StepTimeModel({name: {"theta": theta}})
+        errors = {r.id: round(model.step_seconds(r.model_spec(), r.settings, gpu) / c[3] - 1, 4) for r, _, c in rows}
+        loo = {}
+        for r, _, c in rows:
+            rest = [x[2] for x in fitted if x[0] is not r]
+            th = _fit_theta(rest, THETA_BOUNDS, theta, checks, rounds=1, iters=300)
+            loo[r.id] = round(
+                StepTimeModel({name: {"theta": th}}).step_seconds(r.model_spec(), r.settings, gpu) / c[3] - 1, 4
+            )
+        out[name] = {
+            "theta": theta,
+            "max_probe_mfu": round(max(u / (simulate(b, theta, pk, w)[0] * pk) for b, pk, w, u, _ in checks), 4),
+            "best_measured_mfu": round(best_mfu, 4),
+            "mfu_cap": round(cap, 4),
+            "fitted_on": sorted(r.id for r, _, _ in fitted),
+            "rel_error": errors,
+            "loo_rel_error": loo,
+        }
+    return out
 
 
 def check_fitted(cal: dict, where: str) -> dict:

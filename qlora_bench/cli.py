@@ -151,7 +151,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     _use_calibration(a)
     model = resolve_model(a.model)
+    many = _gpu_list(a.gpu)
+    if many is not None:
+        return _plan_gpus(a, model, many)
     gpu = resolve_gpu(a.gpu)
+    if a.fastest:
+        return _plan_fastest(a, model, gpu)
     methods = ["full", "lora", "qlora"] if a.method == "all" else [a.method]
     traced = None
     if a.trace:
@@ -161,7 +166,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
         def traced(spec, s):
             return trace(spec, s, steps=a.trace_steps)
 
-    plans = [plan(model, settings_from_args(a, m), gpu, epoch_tokens=a.epoch_tokens, traced=traced) for m in methods]
+    plans = [
+        plan(model, settings_from_args(a, m), gpu, a.epoch_tokens, traced=traced, epochs=a.epochs, price=a.price)
+        for m in methods
+    ]
     if a.json:
         out = [p.to_dict() for p in plans]
         print(_json(out if a.method == "all" else out[0]))
@@ -172,6 +180,58 @@ def cmd_plan(a: argparse.Namespace) -> int:
         render.plans_side_by_side(plans)
     else:
         render.plan(plans[0])
+    return 0
+
+
+def _gpu_list(text: str):
+    """`all` or a comma list -> GPU specs (None for one GPU)."""
+    from .profiles import gpu_names, resolve_gpu
+
+    if text.strip().lower() == "all":
+        return [resolve_gpu(g) for g in gpu_names()]
+    if "," in text:
+        names = [t for t in (x.strip() for x in text.split(",")) if t]
+        if not names:
+            raise InputError(f"--gpu {text!r}: name GPUs separated by commas, e.g. h100,a100,rtx-4090")
+        return [resolve_gpu(n) for n in names]
+    return None
+
+
+def _plan_one_method(a: argparse.Namespace, what: str) -> str:
+    if a.method == "all":
+        raise InputError(f"{what} plans one method: give --method qlora, lora or full")
+    return a.method
+
+
+def _plan_gpus(a: argparse.Namespace, model, gpus) -> int:
+    from .plan import rank_gpus
+
+    if a.trace or a.fastest:
+        raise InputError("--gpu all (or a list) ranks cards with the estimator: drop --trace / --fastest")
+    s = settings_from_args(a, _plan_one_method(a, "--gpu all"))
+    options = rank_gpus(model, s, gpus, a.epoch_tokens, epochs=a.epochs, price=a.price)
+    if a.json:
+        print(_json([o.to_dict() for o in options]))
+        return 0
+    from . import render
+
+    render.gpu_ranking(model, s, options, a.epoch_tokens, a.epochs)
+    return 0
+
+
+def _plan_fastest(a: argparse.Namespace, model, gpu) -> int:
+    from .plan import fastest
+
+    if a.trace:
+        raise InputError("--fastest searches with the estimator: drop --trace")
+    s = settings_from_args(a, _plan_one_method(a, "--fastest"))
+    options = fastest(model, s, gpu, a.epoch_tokens, epochs=a.epochs, price=a.price)
+    if a.json:
+        print(_json([o.to_dict() for o in options]))
+        return 0
+    from . import render
+
+    render.fastest(model, options)
     return 0
 
 
@@ -686,13 +746,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate peak GPU memory for a fine-tuning configuration and say whether it fits.",
     )
     sp.add_argument("--model", required=True, help=MODEL_HELP)
-    sp.add_argument("--gpu", required=True, help="GPU profile (h100, rtx-4090) or size (48gb, 24GiB, 2x24gb)")
+    sp.add_argument(
+        "--gpu",
+        required=True,
+        help="GPU profile (h100, rtx-4090), size (48gb, 24GiB, 2x24gb), or `all` / a comma list (h100,a100,"
+        "rtx-4090) to rank cards by cost for the epoch",
+    )
     add_settings_args(sp)
     sp.add_argument(
         "--epoch-tokens",
         type=flags.count(1, 10**15, flags.DECIMAL),
         default=100_000_000,
         help="tokens in one epoch of your data, for the predicted time per epoch (default 100M; 1.5B works)",
+    )
+    sp.add_argument(
+        "--epochs", type=flags.number(0, 1e6, lo_open=True), default=1, help="epochs, for the cost (default 1)"
+    )
+    sp.add_argument(
+        "--price",
+        type=flags.number(0, 1e4, lo_open=True),
+        help="US dollars per GPU-hour (default: the GPU profile's typical on-demand price, where it has one)",
+    )
+    sp.add_argument(
+        "--fastest",
+        action="store_true",
+        help="search the settings that keep the model, method and global batch (micro-batch x accumulation, "
+        "checkpointing, attention, paged optimizer) for the fastest that fits",
     )
     sp.add_argument(
         "--trace",

@@ -57,8 +57,15 @@ class Plan:
     tokens_per_sec: float | None = None  # predicted (None: GPU peak unknown, or no throughput calibration)
     step_seconds: float | None = None
     mfu: float | None = None
+    hfu: float | None = None  # + gradient checkpointing's recompute (throughput.py: the FLOPs convention)
+    step_time_band: float | None = None  # the worst leave-one-out step-time error of the constants used
+    step_time_constants: str | None = None  # the GPU profile whose measurements they were fitted on
     epoch_tokens: int = 100_000_000
     epoch_seconds: float | None = None
+    epochs: float = 1.0
+    price_per_hour: float | None = None  # per GPU (profile or --price)
+    price_source: str | None = None
+    cost_usd: float | None = None  # all GPUs, all epochs
     suggestions: list[Suggestion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -77,8 +84,15 @@ class Plan:
             "tokens_per_sec": self.tokens_per_sec,
             "step_seconds": self.step_seconds,
             "mfu": self.mfu,
+            "hfu": self.hfu,
+            "step_time_band": self.step_time_band,
+            "step_time_constants": self.step_time_constants,
             "epoch_tokens": self.epoch_tokens,
             "epoch_seconds": self.epoch_seconds,
+            "epochs": self.epochs,
+            "price_per_hour": self.price_per_hour,
+            "price_source": self.price_source,
+            "cost_usd": self.cost_usd,
             "required_bytes": self.usable_bytes - self.headroom_bytes,
             "max_batch": self.max_batch,
             "max_seq": self.max_seq,
@@ -164,7 +178,10 @@ def _largest(model: ModelSpec, s: Settings, usable: int, key: str, cap: int, anc
             break
         near = estimate(model, s.with_(**{key: guess}))
         seen[guess] = _fits(near, usable)
-        guess = min(max(_search(model, s, usable, key, 1, cap, near), 1), cap)
+        again = min(max(_search(model, s, usable, key, 1, cap, near), 1), cap)
+        if abs(again - guess) <= max(1, int(guess * SEARCH_RESOLUTION)) and seen[guess]:
+            break  # the replayed guess fits and the proxy around it agrees: the walk below brackets it
+        guess = again
     step = max(1, int(guess * SEARCH_RESOLUTION))
     if ok(guess):
         lo = guess
@@ -383,6 +400,17 @@ def bigger_gpu(e: Estimate, gpu: GpuSpec) -> tuple[str, str] | None:
     return pick.name, f"a GPU with more memory: {pick.name}" + (f" (or {', '.join(others)})" if others else "")
 
 
+# Data-parallel scaling until the multi-GPU model (issue 13) exists: an assumption, stated in the plan's note, not a
+# measurement. DDP overlaps the gradient all-reduce with backward; for LoRA / QLoRA the adapters' gradients are a
+# few MB, for full fine-tuning each step moves 2x the parameters' bytes over the interconnect, which NVLink hides and
+# PCIe does not.
+DATA_PARALLEL_EFFICIENCY = 0.9
+
+
+def data_parallel_efficiency(count: int) -> float:
+    return 1.0 if count <= 1 else DATA_PARALLEL_EFFICIENCY
+
+
 def _throughput(p: Plan, model: ModelSpec, s: Settings, gpu: GpuSpec) -> None:
     from .estimate.throughput import mfu
 
@@ -392,8 +420,21 @@ def _throughput(p: Plan, model: ModelSpec, s: Settings, gpu: GpuSpec) -> None:
     p.step_seconds = tm.step_seconds(model, s, gpu)
     p.tokens_per_sec = tm.tokens_per_second(model, s, gpu)
     if p.tokens_per_sec:
-        p.epoch_seconds = p.epoch_tokens / p.tokens_per_sec
-        p.mfu = mfu(model, s, gpu, p.tokens_per_sec)[0]
+        # GPUs beyond the first run data-parallel copies (per-GPU memory as planned): the epoch divides among them
+        p.epoch_seconds = p.epoch_tokens / (p.tokens_per_sec * gpu.count * data_parallel_efficiency(gpu.count))
+        if p.price_per_hour:
+            p.cost_usd = p.epoch_seconds * p.epochs / 3600 * p.price_per_hour * gpu.count
+        p.mfu, p.hfu = mfu(model, s, gpu, p.tokens_per_sec)
+        p.step_time_band = round(tm.uncertainty(gpu), 4)
+        p.step_time_constants = tm.constants_for(gpu)[1]
+        if p.step_time_constants != gpu.name:
+            p.notes.append(
+                f"step time: {gpu.name} has no measured runs; the kernel and launch constants are "
+                f"{p.step_time_constants}'s (efficiencies as fractions of {gpu.name}'s own datasheet peak and "
+                "bandwidth; host costs assume a similar CPU), so the band is wider than the one shown"
+            )
+    elif s.compute_dtype == "fp32":
+        p.notes.append("step time: not predicted for fp32 compute (the GPU profiles carry 16-bit tensor-core peaks)")
 
 
 def from_trace(e: Estimate, t) -> Estimate:
@@ -425,8 +466,18 @@ def from_trace(e: Estimate, t) -> Estimate:
     )
 
 
-def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_000_000, traced=None) -> Plan:
-    """`traced(model, settings)`: a TraceResult to answer with instead of the estimator (plan --trace)."""
+def plan(
+    model: ModelSpec,
+    s: Settings,
+    gpu: GpuSpec,
+    epoch_tokens: int = 100_000_000,
+    traced=None,
+    epochs: float = 1.0,
+    price: float | None = None,
+    searches: bool = True,
+) -> Plan:
+    """`traced(model, settings)`: a TraceResult to answer with instead of the estimator (plan --trace); `price`:
+    US dollars per GPU-hour instead of the profile's; `searches`: find the largest batch and sequence that fit."""
     e = estimate(model, s)
     if traced is not None:
         e = from_trace(e, traced(model, s))
@@ -437,8 +488,9 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
     notes = []
     if gpu.count > 1:
         notes.append(
-            f"planned per GPU: {gpu.count} GPUs would run data-parallel copies; sharding the model "
-            "across GPUs (FSDP / DeepSpeed ZeRO-3) is not modelled yet"
+            f"planned per GPU: {gpu.count} GPUs would run data-parallel copies (time per epoch assumes "
+            f"{DATA_PARALLEL_EFFICIENCY:.0%} scaling, not measured); sharding the model across GPUs (FSDP / "
+            "DeepSpeed ZeRO-3) is not modelled yet"
         )
     if gpu.generic:
         notes.append(f"generic GPU: {gpu.name} total, minus the driver's idle use measured on an H100")
@@ -482,13 +534,15 @@ def plan(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int = 100_00
         verdict=verdict,
         headroom_bytes=usable - required_bytes(e),
         safety_margin=margin,
-        max_batch=max_batch(model, s, usable, e),
-        max_seq=max_seq(model, s, usable, e),
+        max_batch=max_batch(model, s, usable, e) if searches else 0,
+        max_seq=max_seq(model, s, usable, e) if searches else 0,
         notes=notes,
     )
-    p.epoch_tokens = epoch_tokens
+    p.epoch_tokens, p.epochs = epoch_tokens, epochs
+    p.price_per_hour = price if price is not None else gpu.price_per_hour
+    p.price_source = "--price" if price is not None else gpu.price_source
     _throughput(p, model, s, gpu)
-    if not ok or verdict == "tight":
+    if (not ok or verdict == "tight") and searches:
         p.suggestions = suggestions(model, s, gpu, usable, e)
     return p
 
@@ -543,3 +597,131 @@ def infer_plan(model, s: Settings, gpu, inf) -> dict:
             "merged_file_bytes": m.merged_file_bytes,
         },
     }
+
+
+# ---- which card, which settings ----------------------------------------------------------------------------------
+@dataclass
+class Option:
+    """A configuration the plan chose (for a GPU, or as the fastest settings): its plan, or None if none fits."""
+
+    gpu: GpuSpec
+    settings: Settings
+    plan: Plan | None
+    why: str = ""  # what was changed, or why nothing fits
+
+    def to_dict(self) -> dict:
+        p = self.plan
+        return {
+            "gpu": self.gpu.label,
+            "settings": self.settings.to_dict(),
+            "describe": self.settings.describe(),
+            "fits": bool(p and p.fits),
+            "verdict": p.verdict if p else "does not fit",
+            "peak_device_bytes": p.estimate.peak_device_bytes if p else None,
+            "usable_bytes": p.usable_bytes if p else usable_bytes(self.gpu),
+            "tokens_per_sec": p.tokens_per_sec if p else None,
+            "step_seconds": p.step_seconds if p else None,
+            "epoch_seconds": p.epoch_seconds if p else None,
+            "price_per_hour": p.price_per_hour if p else self.gpu.price_per_hour,
+            "cost_usd": p.cost_usd if p else None,
+            "why": self.why,
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def best_on(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int, epochs: float = 1.0, price=None) -> Option:
+    """The largest micro-batch that divides the requested global batch (batch x accumulation) and fits on `gpu`,
+    with the accumulation that keeps the global batch; its plan (throughput, time, cost). Divisors are tried from
+    the largest; the memory proxy (batch 1's replayed slack) skips those far over, the rest are replayed (replays
+    are memoized, so ranking many GPUs replays each micro-batch once)."""
+    usable = usable_bytes(gpu)
+    global_batch = s.batch * s.grad_accum
+    one = estimate(model, s.with_(batch=1, grad_accum=1))
+    for micro in sorted(_divisors(global_batch), reverse=True):
+        chosen = s.with_(batch=micro, grad_accum=global_batch // micro)
+        if micro > 1 and not _fits(estimate(model, chosen, anchor=one), round(usable * 1.05)):
+            continue
+        if fits_with_margin(estimate(model, chosen), usable):
+            why = "" if chosen == s else f"micro-batch {micro} x accumulation {global_batch // micro}"
+            p = plan(model, chosen, gpu, epoch_tokens, epochs=epochs, price=price, searches=False)
+            return Option(gpu, chosen, p, why)
+    return Option(gpu, s, None, f"batch 1 x {s.seq:,} tokens does not fit")
+
+
+def _rank_key(o: Option):
+    p = o.plan
+    fits = bool(p and p.fits)
+    cost = p.cost_usd if p and p.cost_usd is not None else float("inf")
+    time = p.epoch_seconds if p and p.epoch_seconds else float("inf")
+    return (not fits, cost, time, o.gpu.name)
+
+
+def rank_gpus(model, s: Settings, gpus: list[GpuSpec], epoch_tokens: int, epochs: float = 1.0, price=None) -> list:
+    """`plan --gpu all`: for each GPU the best configuration that fits, ranked by cost for the epochs (cards without
+    a price after those with one, by time), then those on which nothing fits."""
+    return sorted((best_on(model, s, g, epoch_tokens, epochs, price) for g in gpus), key=_rank_key)
+
+
+def _settings_variants(model: ModelSpec, s: Settings) -> list[tuple[Settings, str]]:
+    """What `--fastest` may change and keep the training recipe: micro-batch x accumulation (same global batch),
+    gradient checkpointing, the attention backend, paged vs plain optimizer states."""
+    global_batch = s.batch * s.grad_accum
+    optimizers = {s.optimizer}
+    pairs = {"paged_adamw_8bit": "adamw_8bit", "adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "adamw_torch"}
+    if s.optimizer_kind in pairs:
+        optimizers.add(pairs[s.optimizer_kind])
+    # (Gemma-2 trains with eager attention or flash-attention 2 only: transformers refuses sdpa with its softcapping)
+    attns = sorted({s.attn, "eager"} | (set() if model.model_type == "gemma2" else {"sdpa"}))
+    out = []
+    for micro in _divisors(global_batch):
+        for gc in (True, False):
+            for attn in attns:
+                for opt in sorted(optimizers):
+                    v = s.with_(
+                        batch=micro, grad_accum=global_batch // micro, gradient_checkpointing=gc, attn=attn,
+                        optimizer=opt,
+                    )  # fmt: skip
+                    changes = [
+                        f"micro-batch {micro} x accumulation {global_batch // micro}" if micro != s.batch else "",
+                        ("gradient checkpointing " + ("on" if gc else "off")) if gc != s.gradient_checkpointing else "",
+                        f"attention {attn}" if attn != s.attn else "",
+                        f"optimizer {opt}" if opt != s.optimizer else "",
+                    ]
+                    out.append((v, "; ".join(c for c in changes if c) or "your settings"))
+    return out
+
+
+def fastest(model, s: Settings, gpu: GpuSpec, epoch_tokens: int, epochs: float = 1.0, price=None) -> list[Option]:
+    """`plan --fastest`: the fastest settings that fit (same model, method and global batch), then the user's own.
+    Every variant is priced (milliseconds each); they are tried fastest first, the memory proxy (the user's own
+    replayed slack) skips the ones far over, and the first that fits when replayed wins."""
+    tm = overheads().throughput_model()
+    if tm is None or tm.step_seconds(model, s, gpu) is None:
+        raise InputError(
+            f"--fastest needs predicted step times: {gpu.name} has no peak TFLOP/s or the calibration has none "
+            "(name a GPU profile such as h100 or rtx-4090, compute dtype bf16 or fp16)"
+        )
+    usable = usable_bytes(gpu)
+    own = estimate(model, s)
+    ranked = sorted(_settings_variants(model, s), key=lambda v: -tm.tokens_per_second(model, v[0], gpu))
+    best = None
+    for v, why in ranked:
+        try:
+            if not _fits(estimate(model, v, anchor=own), round(usable * 1.05)):
+                continue
+            if fits_with_margin(estimate(model, v), usable):
+                best = Option(
+                    gpu, v, plan(model, v, gpu, epoch_tokens, epochs=epochs, price=price, searches=False), why
+                )
+                break
+        except InputError:
+            continue
+    mine = Option(
+        gpu, s, plan(model, s, gpu, epoch_tokens, epochs=epochs, price=price, searches=False), "your settings"
+    )
+    if best is None:
+        return [mine]
+    return [best] if best.settings == s else [best, mine]

@@ -445,6 +445,10 @@ class GpuProfile:
     throughput_source: str | None = None
     launch_year: int | None = rule(None, ge=2000, le=2100, hint="year NVIDIA launched the board")
     launch_source: str | None = None
+    # a typical on-demand rental price per GPU-hour, with where and when it was posted (prices move: plan --price)
+    price_per_hour_usd: float | None = rule(None, gt=0, le=1000, hint="US dollars per GPU-hour")
+    price_source: str | None = None
+    price_date: str | None = rule(None, pattern=r"\d{4}-\d{2}(-\d{2})?", hint="YYYY-MM")
 
 
 @dataclass(frozen=True)
@@ -458,6 +462,8 @@ class GpuSpec:
     memory_bandwidth_GBps: float | None = None
     generic: bool = False
     launch_year: int | None = None
+    price_per_hour: float | None = None  # US dollars per GPU-hour (profile, or plan --price)
+    price_source: str | None = None
 
     @property
     def label(self) -> str:
@@ -501,6 +507,8 @@ def _gpu_from_profile(name: str, count: int) -> GpuSpec:
         dense_tflops=d.dense_bf16_TFLOPS or d.dense_fp16_TFLOPS,
         memory_bandwidth_GBps=d.memory_bandwidth_GBps,
         launch_year=d.launch_year,
+        price_per_hour=d.price_per_hour_usd,
+        price_source=f"{d.price_source} ({d.price_date})" if d.price_per_hour_usd else None,
     )
 
 

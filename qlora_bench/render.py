@@ -143,12 +143,104 @@ def _duration(seconds: float) -> str:
 
 def _speed_line(p: Plan) -> str:
     if p.tokens_per_sec is None:
-        why = "the GPU's peak TFLOP/s is unknown: name a GPU profile" if not p.gpu.dense_tflops else "uncalibrated"
+        if not p.gpu.dense_tflops:
+            why = "the GPU's peak TFLOP/s is unknown: name a GPU profile"
+        elif p.estimate.settings.compute_dtype == "fp32":
+            why = "fp32 compute: the GPU profiles carry 16-bit peaks"
+        else:
+            why = "uncalibrated"
         return f"[dim]throughput: not predicted ({why})[/dim]"
+    band = f" ±{p.step_time_band:.0%}" if p.step_time_band else ""
+    gpus = f" on {p.gpu.count} GPUs" if p.gpu.count > 1 else ""
+    epochs = "" if p.epochs == 1 else f" x {p.epochs:g} epochs"
+    cost = (
+        f", ~${p.cost_usd:,.2f} at ${p.price_per_hour:g}/GPU-hour{epochs}"
+        if p.cost_usd is not None
+        else " (no price for this GPU: --price USD_PER_HOUR)"
+    )
     return (
-        f"predicted ~{p.tokens_per_sec:,.0f} tokens/s ({p.step_seconds:.2f} s per step, MFU {p.mfu:.0%}); "
-        f"{_tokens(p.epoch_tokens)} tokens in ~{_duration(p.epoch_seconds)} "
-        "[dim](fitted on H100 steps < 1 s: optimistic for long steps)[/dim]"
+        f"predicted ~{p.tokens_per_sec:,.0f} tokens/s{band} ({p.step_seconds:.2f} s per step, MFU {p.mfu:.0%}, "
+        f"HFU {p.hfu:.0%}); {_tokens(p.epoch_tokens)} tokens in ~{_duration(p.epoch_seconds)}{gpus}{cost} "
+        f"[dim](kernels priced and queued per step; constants fitted on {p.step_time_constants} runs; the band is "
+        "their worst leave-one-out error; MFU counts 6N+3A FLOPs per token for full fine-tuning, 4N+3A for "
+        "adapters, HFU adds the recompute)[/dim]"
+    )
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h"
+
+
+def gpu_ranking(model, s, options: list, epoch_tokens: int, epochs: float) -> None:
+    """`plan --gpu all`: one row per card, the best configuration that fits, ranked by cost."""
+    ep = "" if epochs == 1 else f" x {epochs:g}"
+    console.print(
+        f"[bold]{model.name} · {s.describe()} · global batch {s.batch * s.grad_accum} · "
+        f"{_tokens(epoch_tokens)} tokens{ep}[/bold]"
+    )
+    t = table(None, "GPU", "batch x acc", "GiB / usable", "tokens/s", "time", "$/GPU-h", "cost",
+              numeric=("batch x acc", "GiB / usable", "tokens/s", "time", "$/GPU-h", "cost"))  # fmt: skip
+    t.columns[0].no_wrap = True
+    for o in options:
+        p = o.plan
+        if p is None:
+            t.add_row(o.gpu.label, "-", f"- / {_g(o.to_dict()['usable_bytes'])}", "-", "-", "-", "-")
+            continue
+        st = p.estimate.settings
+        t.add_row(
+            o.gpu.label,
+            f"{st.batch} x {st.grad_accum}",
+            f"{_g(p.estimate.peak_device_bytes)} / {_g(p.usable_bytes)}",
+            "-" if p.tokens_per_sec is None else f"{p.tokens_per_sec:,.0f}",
+            "-" if p.epoch_seconds is None else _hours(p.epoch_seconds * epochs),
+            "-" if p.price_per_hour is None else f"{p.price_per_hour:g}",
+            "-" if p.cost_usd is None else f"${p.cost_usd:,.0f}",
+        )
+    console.print(t)
+    nothing = [o.gpu.label for o in options if o.plan is None]
+    if nothing:
+        note(f"nothing fits on: {', '.join(nothing)} (batch 1 at this sequence length)")
+    if any(o.plan and o.plan.price_source == "--price" for o in options):
+        note("prices: --price for every card")
+    elif any(o.plan and o.plan.price_per_hour for o in options):
+        note(
+            "prices: typical on-demand US$ per GPU-hour, with source and date in profiles/gpus/*.json; cards "
+            "without one rank after, by time (--price sets one for all)"
+        )
+    note(
+        "each card: the largest micro-batch that divides the global batch and fits (with the margin), "
+        "accumulation making up the rest; time from the step-time model (constants fitted on the measured GPU, "
+        "transferred to the others: see `plan --gpu NAME`)"
+    )
+
+
+def fastest(model, options: list) -> None:
+    """`plan --fastest`: the fastest settings that fit, beside the user's own."""
+    best = options[0]
+    p = best.plan
+    console.print(f"[bold]{model.name} on {best.gpu.label}: the fastest settings that fit[/bold]")
+    t = table(None, "", "settings", "tokens/s", "peak GiB", "time", "cost",
+              numeric=("tokens/s", "peak GiB", "time", "cost"))  # fmt: skip
+    for o in options:
+        q = o.plan
+        t.add_row(
+            "fastest" if o is best and len(options) > 1 else ("yours" if o is not best else "yours (fastest)"),
+            q.estimate.settings.describe(),
+            "-" if q.tokens_per_sec is None else f"{q.tokens_per_sec:,.0f}",
+            f"{_g(q.estimate.peak_device_bytes)}" + ("" if q.fits else " (does not fit)"),
+            "-" if q.epoch_seconds is None else _duration(q.epoch_seconds * q.epochs),
+            "-" if q.cost_usd is None else f"${q.cost_usd:,.2f}",
+        )
+    console.print(t)
+    if len(options) > 1:
+        mine = options[1].plan
+        gain = (p.tokens_per_sec / mine.tokens_per_sec - 1) if mine.tokens_per_sec else 0
+        console.print(f"change: {best.why} ({gain:+.0%} tokens/s)")
+    else:
+        note("your settings are the fastest of those searched that fit" if p.fits else "nothing searched fits")
+    note(
+        "searched: micro-batch x accumulation (same global batch), gradient checkpointing, attention backend, "
+        "paged vs plain optimizer states; method, model, LoRA rank and targets kept"
     )
 
 
@@ -409,10 +501,11 @@ def validation(rows, summaries) -> None:
         "tokens/s",
         "predicted",
         "err",
+        "left out",
         "step s",
         "MFU",
         "HFU",
-        numeric=("tokens/s", "predicted", "err", "step s", "MFU", "HFU"),
+        numeric=("tokens/s", "predicted", "err", "left out", "step s", "MFU", "HFU"),
     )
     for label, x in zip(labels, rows, strict=True):
         tp = x.throughput
@@ -423,12 +516,17 @@ def validation(rows, summaries) -> None:
             f"{tp['tokens_per_sec']:,.0f}",
             f"{tp['tokens_per_sec_predicted']:,.0f}" if tp.get("tokens_per_sec_predicted") else "-",
             _pct(tp.get("error")),
+            _pct(tp.get("error_left_out")),
             f"{tp['step_seconds']:.2f}" if tp.get("step_seconds") else "-",
             f"{tp['mfu']:.0%}" if tp.get("mfu") is not None else "-",
             f"{tp['hfu']:.0%}" if tp.get("hfu") is not None else "-",
         )
     if tput.row_count:
         console.print(tput)
+        note(
+            "err: the step-time model as calibrated; left out: refitted without that record (calibration.json); "
+            "the memory sets below do not apply to step time, whose fit takes every record not held out by id"
+        )
     cols = ("set", "n", "device", "allocated", "n ", "tokens/s", "false fits")
     s = table("summary: median / worst absolute error (n: records with memory, with tokens/s)", *cols, numeric=cols[1:])
     for name, sm in summaries.items():

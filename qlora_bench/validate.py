@@ -135,11 +135,14 @@ def throughput_row(r: Record, e: Estimate) -> dict:
     tm = e.overheads.throughput_model()
     pred = tm.tokens_per_second(e.model, e.settings, gpu) if tm else None
     util = mfu(e.model, e.settings, gpu, tps)
+    # the step-time error with this record left out of the fit (calibration.json), as a tokens/s error
+    loo = ((tm.classes.get(gpu.name) or {}).get("loo_rel_error") or {}).get(r.id) if tm else None
     return {
         "gpu_profile": gpu.name,
         "tokens_per_sec": tps,
         "tokens_per_sec_predicted": None if pred is None else round(pred, 1),
         "error": None if pred is None else round(pred / tps - 1, 4),
+        "error_left_out": None if loo is None else round(1 / (1 + loo) - 1, 4),
         "step_seconds": r.measured.get("step_seconds_median"),
         "mfu": None if util is None else round(util[0], 4),
         "hfu": None if util is None else round(util[1], 4),
@@ -177,6 +180,10 @@ def summarize(rows: list[Row]) -> Summary:
     if tput:
         s.median_abs_error["tokens_per_sec"] = round(statistics.median(tput), 4)
         s.worst_abs_error["tokens_per_sec"] = round(max(tput), 4)
+    left_out = [abs(x.throughput["error_left_out"]) for x in rows if x.throughput.get("error_left_out") is not None]
+    if left_out:
+        s.median_abs_error["tokens_per_sec_left_out"] = round(statistics.median(left_out), 4)
+        s.worst_abs_error["tokens_per_sec_left_out"] = round(max(left_out), 4)
     s.long_step_records = len(long)
     if long:
         s.worst_abs_error["tokens_per_sec_long_steps"] = round(max(long), 4)

@@ -1229,17 +1229,18 @@ REQUIRED_CALIBRATION = ("cuda_context_bytes", "bnb_runtime_bytes", "cublas_works
 
 def calibration_edits() -> st.SearchStrategy[Edit]:
     doc = calibration_doc()
-    throughput = sorted(k for k, v in doc.get("throughput", {}).items() if isinstance(v, (int, float)))
+    gpu = sorted(doc.get("step_time", {}))[0]
+    theta = sorted(doc["step_time"][gpu]["theta"])
     return st.one_of(
         st.sampled_from(REQUIRED_CALIBRATION).flatmap(lambda k: set_edits((k, "value"), "bytes")),
         st.sampled_from(["under", "over"]).flatmap(lambda k: set_edits(("reserved_rel_error", k), "fraction")),
         st.sampled_from(sorted(doc["safety_margin"])).flatmap(lambda k: set_edits(("safety_margin", k), "fraction")),
         set_edits(("allocated_rel_error", "max"), "fraction"),
-        st.sampled_from(throughput).flatmap(lambda k: set_edits(("throughput", k), "fraction")),
-        st.just(Edit(("throughput", "inv_flops_efficiency"), "zero (infinitely fast)", REFUSE, "0")),
+        st.sampled_from(theta).flatmap(lambda k: set_edits(("step_time", gpu, "theta", k), "fraction")),
+        st.just(Edit(("step_time", gpu, "theta", "e_mm"), "zero (infinitely fast)", REFUSE, "0")),
         st.sampled_from([*REQUIRED_CALIBRATION, "reserved_rel_error"]).map(lambda k: Edit((k,), "drop", REFUSE)),
         st.just(Edit(("reserved_rel_error", "under"), "drop", REFUSE)),
-        st.sampled_from(["fitted_on", "held_out", "gpus", "source_files", "generated_by", "throughput"]).map(
+        st.sampled_from(["fitted_on", "held_out", "gpus", "source_files", "generated_by", "step_time"]).map(
             lambda k: Edit((k,), "drop", EITHER)
         ),
         st.sampled_from(REQUIRED_CALIBRATION).flatmap(
@@ -1276,7 +1277,7 @@ CALIBRATION_CASES_NAMED = [
     calibration_case(Edit(("driver_idle_bytes", "value"), "NaN literal", REFUSE, "NaN")),
     calibration_case(Edit(("reserved_rel_error", "under"), "string", REFUSE, '"x"')),
     calibration_case(Edit(("safety_margin", "qlora"), "negative", REFUSE, "-0.5")),
-    calibration_case(Edit(("throughput", "inv_flops_efficiency"), "zero (infinitely fast)", REFUSE, "0")),
+    calibration_case(Edit(("step_time", "h100-sxm", "theta", "e_mm"), "zero (infinitely fast)", REFUSE, "0")),
     calibration_case(Edit(("cublas_workspace_bytes",), "drop", REFUSE)),
     calibration_case(whole="top-level list"),
     calibration_case(whole="empty file"),

@@ -33,7 +33,7 @@ def test_regenerates_byte_for_byte(built):
     a, b = built
     names = sorted(p.name for p in a.iterdir())
     assert names == ["README.md", "memory-breakdown.png", "predicted-vs-measured.png", "report.html",
-                     "throughput.png"]
+                     "step-time.png", "throughput.png"]
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
 
@@ -170,7 +170,7 @@ def test_plots_are_large_enough_to_read(built):
 def test_html_is_self_contained(built):
     a, _ = built
     page = (a / "report.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == 3
+    assert page.count('<img src="data:image/png;base64,') == 4
     assert not re.search(r'src="(?!data:)', page) and "<script" not in page
 
 
@@ -197,5 +197,5 @@ def test_renders_in_headless_chromium(built, tmp_path):
     m = re.search(r"<title>(\{.*?\})</title>", out.stdout)
     assert m, out.stderr[-2000:]
     seen = json.loads(m.group(1).replace("&quot;", '"'))
-    assert seen["images"] == 3 and seen["loaded"] == 3
+    assert seen["images"] == 4 and seen["loaded"] == 4
     assert seen["tables"] >= 7 and seen["rows"] >= 30

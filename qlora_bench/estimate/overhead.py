@@ -53,12 +53,12 @@ class Overheads:
     # of the fit (leave-one-out): plan adds it before saying "fits"
     safety_margin: dict = field(default_factory=dict)
     fitted_on: tuple = ()
-    throughput: dict = field(default_factory=dict)  # fitted step-time coefficients (throughput.py)
+    step_time: dict = field(default_factory=dict)  # per GPU profile: fitted step-time constants (steptime.py)
 
     def throughput_model(self):
-        from .throughput import ThroughputModel
+        from .steptime import StepTimeModel
 
-        return ThroughputModel.from_calibration(self.throughput)
+        return StepTimeModel.from_calibration(self.step_time)
 
     def margin(self, method: str) -> float:
         return self.safety_margin.get(method, self.safety_margin.get("default", 0.0))
@@ -103,18 +103,27 @@ class AllocatedError:
 
 
 @dataclass(frozen=True)
-class ThroughputFit:
-    """Step-time coefficients (throughput.py); absent when fewer than three records had step times."""
+class StepTimeConstants:
+    """steptime.py's constants, inside steptime.THETA_BOUNDS (what they can physically be)."""
+
+    e_mm: float = rule(ge=0.01, le=1, hint="fraction of the dense peak a large GEMM reaches")
+    e_attn: float = rule(ge=0.01, le=1, hint="fraction of the dense peak attention reaches")
+    e_bw: float = rule(ge=0.01, le=1, hint="fraction of the memory bandwidth a memory-bound kernel reaches")
+    t_min: float = rule(ge=0, le=1e-3, hint="seconds: the shortest kernel")
+    c_py: float = rule(ge=0, le=1e-2, hint="host seconds per kernel launched from Python")
+    c_eng: float = rule(ge=0, le=1e-2, hint="host seconds per kernel launched by autograd's engine")
+    c_mod: float = rule(ge=0, le=1e-1, hint="host seconds per Python module / autograd.Function call")
+
+
+@dataclass(frozen=True)
+class StepTimeFit:
+    """One GPU profile's step-time fit (calibration.fit_step_time)."""
 
     extra = Extra.ALLOW
-    # 1 / efficiency >= 1: nothing beats the dense peak; 1e4 (0.01 % of peak) and 10 s of overhead per layer per
-    # step are far beyond the fitted 1.0 and ~2 ms: they refuse only nonsense
-    inv_flops_efficiency: float | None = rule(None, ge=1, le=1e4, hint="1 / the fraction of peak FLOP/s reached")
-    seconds_per_layer_full: float | None = rule(None, ge=0, le=10)
-    seconds_per_layer_adapters: float | None = rule(None, ge=0, le=10)
-    inv_bandwidth_efficiency: float | None = rule(None, ge=0, le=1e4)
+    theta: StepTimeConstants
     fitted_on: list[str] = rule(factory=list, max_len=500)
-    step_time_rel_error: dict[str, float] = rule(factory=dict, ge=-1, le=1e4)
+    rel_error: dict[str, float] = rule(factory=dict, ge=-1, le=1e4)
+    loo_rel_error: dict[str, float] = rule(factory=dict, ge=-1, le=1e4)
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,7 @@ class Calibration:
     source_files: list[str] = rule(factory=list, max_len=4096)
     gpus: list[str] = rule(factory=list, max_len=200)
     generated_by: str | None = None
-    throughput: ThroughputFit = rule(factory=ThroughputFit)
+    step_time: dict[str, StepTimeFit] = rule(factory=dict)
 
     def check(self, where: str) -> None:
         if "default" not in self.safety_margin:
@@ -211,5 +220,5 @@ def overheads() -> Overheads:
         source=source,
         safety_margin=cal.get("safety_margin", {"default": 0.0}),
         fitted_on=tuple(cal.get("fitted_on", ())),
-        throughput=cal.get("throughput", {}),
+        step_time=cal.get("step_time", {}),
     )

@@ -9,20 +9,13 @@ the lm_head; A = causal attention, 2 * seq * heads * head_dim per layer forward)
 - gradient checkpointing recomputes the decoder layers' forward once more (hardware FLOPs, not useful ones).
 MFU counts useful FLOPs, HFU adds the recomputation (PaLM, Chowdhery et al. 2022, appendix B).
 
-Step time model: t = hardware FLOPs / (peak x efficiency) + layers x per-layer overhead + QLoRA dequantization
-bytes / (bandwidth x efficiency). The per-layer overhead stands for kernel launches and host work, which dominate
-small steps (an 8B QLoRA step of 512 tokens takes almost as long as one of 2048); it has one value for full
-fine-tuning and one for adapter methods, whose peft layers launch many small kernels per adapted module
-(dropout, fp32 cast, lora_A, lora_B, scale, add, in forward and backward). QLoRA dequantizes each 4-bit
-weight before every matmul that uses it — forward, recomputation, backward — reading 0.5 B and writing then
-reading 2 B per parameter (~4.5 B per parameter and pass). The three coefficients are fitted by least squares
-on relative step-time errors (calibration.py) from committed records; the fit is linear in them.
+Step time: estimate/steptime.py prices the step's kernels one by one. MFU and HFU divide the FLOPs above per token x
+tokens/s by the GPU's dense bf16 peak (its datasheet figure, without sparsity).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from ..profiles import GpuSpec, ModelSpec
 from ..settings import Settings
@@ -79,58 +72,6 @@ def flops(model: ModelSpec, s: Settings) -> Flops:
         passes = 3 if s.gradient_checkpointing else 2  # forward, (recompute), backward
         dequant = q * DEQUANT_BYTES_PER_PARAM * passes * s.grad_accum
     return Flops(useful_per_token=useful, hardware_per_token=useful + recompute, dequant_bytes_per_step=dequant)
-
-
-@dataclass(frozen=True)
-class ThroughputModel:
-    """Fitted coefficients: 1/efficiency of the matmul FLOPs, seconds per layer per step (full fine-tuning /
-    adapter methods), 1/efficiency of the dequantization bandwidth. None of them is typed in: calibration.py
-    fits them from measured step times."""
-
-    inv_flops_efficiency: float
-    seconds_per_layer_full: float
-    seconds_per_layer_adapters: float
-    inv_bandwidth_efficiency: float
-
-    KEYS: ClassVar[tuple[str, ...]] = (
-        "inv_flops_efficiency",
-        "seconds_per_layer_full",
-        "seconds_per_layer_adapters",
-        "inv_bandwidth_efficiency",
-    )
-
-    @classmethod
-    def from_calibration(cls, d: dict) -> ThroughputModel | None:
-        return cls(*(d[k] for k in cls.KEYS)) if d and all(k in d for k in cls.KEYS) else None
-
-    @property
-    def coefficients(self) -> tuple[float, ...]:
-        return tuple(getattr(self, k) for k in self.KEYS)
-
-    def step_seconds(self, model: ModelSpec, s: Settings, gpu: GpuSpec) -> float | None:
-        f = features(model, s, gpu)
-        return None if f is None else sum(c * x for c, x in zip(self.coefficients, f, strict=True))
-
-    def tokens_per_second(self, model: ModelSpec, s: Settings, gpu: GpuSpec) -> float | None:
-        t = self.step_seconds(model, s, gpu)
-        return None if not t else s.batch * s.seq * s.grad_accum / t
-
-
-def features(model: ModelSpec, s: Settings, gpu: GpuSpec) -> tuple[float, float, float, float] | None:
-    """The step-time model's regressors: ideal matmul seconds at peak; layer passes per optimizer step for full
-    fine-tuning, and for adapter methods; ideal dequantization seconds at full bandwidth. None when the GPU's
-    peak is unknown (a bare size such as 48gb)."""
-    if not gpu.dense_tflops or not gpu.memory_bandwidth_GBps:
-        return None
-    f = flops(model, s)
-    tokens = s.batch * s.seq * s.grad_accum
-    layers = model.num_layers * s.grad_accum
-    return (
-        f.hardware_per_token * tokens / (gpu.dense_tflops * 1e12),
-        0 if s.uses_adapters else layers,
-        layers if s.uses_adapters else 0,
-        f.dequant_bytes_per_step / (gpu.memory_bandwidth_GBps * 1e9),
-    )
 
 
 def mfu(model: ModelSpec, s: Settings, gpu: GpuSpec, tokens_per_sec: float) -> tuple[float, float] | None:

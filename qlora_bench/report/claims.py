@@ -193,13 +193,31 @@ def claim_qlora_slower(records) -> dict:
 
 
 def claim_3x_on_24gb(records) -> dict:
+    from ..plan import best_on
+
     m, g = resolve_model("llama-3.1-8b"), resolve_gpu("rtx-4090")
     lo = plan(m, Settings(method="lora", optimizer="adamw_torch_fused"), g)
     q = plan(m, Settings(), g)
+    # the step-time model's answer at a global batch of 8 sequences: each method's best micro-batch on the card
+    bl = best_on(m, Settings(method="lora", optimizer="adamw_torch_fused", batch=8), g, 10**8)
+    bq = best_on(m, Settings(batch=8), g, 10**8)
+    tl = bl.plan.tokens_per_sec if bl.plan and bl.plan.fits else None
+    tq = bq.plan.tokens_per_sec if bq.plan and bq.plan.fits else None
+    if tl and tq:
+        predicted = (
+            f"predicted (step-time model, H100 constants on the RTX 4090's peaks): LoRA {tl:,.0f} tokens/s at "
+            f"micro-batch {bl.settings.batch}, QLoRA {tq:,.0f} at {bq.settings.batch}: {tq / tl:.1f}x"
+        )
+    elif tq:
+        predicted = (
+            f"predicted: LoRA does not fit at batch 1, QLoRA {tq:,.0f} tokens/s at micro-batch {bq.settings.batch}"
+        )
+    else:
+        predicted = "predicted: neither fits"
     return _result(
         "QLoRA gives ~3x the throughput of LoRA on a 24 GB card",
         "untested",
-        "not measured yet (no 24 GB card measured)",
+        f"not measured yet (no 24 GB card measured); {predicted}",
         f"no 24 GB card measured. Estimator, Llama-3.1-8B at 2048 tokens on an RTX 4090: largest "
         f"micro-batch LoRA {lo.max_batch}, QLoRA {q.max_batch}",
     )

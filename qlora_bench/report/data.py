@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from ..estimate import estimate
 from ..estimate.overhead import overheads
 from ..plan import fits_with_margin, max_batch, usable_bytes
@@ -120,7 +122,6 @@ def environment_table(records: list[Record]) -> list[dict]:
 
 def calibration_table() -> list[dict]:
     ov = overheads()
-    t = ov.throughput
     rows = [
         ("CUDA context + libraries", gib(ov.cuda_context) + " GiB"),
         ("bitsandbytes runtime", gib(ov.bnb_runtime) + " GiB"),
@@ -135,26 +136,34 @@ def calibration_table() -> list[dict]:
             "safety margin per method (largest held-out under-prediction)",
             ", ".join(f"{k} {v:.1%}" for k, v in sorted(ov.safety_margin.items())),
         ),
-        (
-            "matmul efficiency",
-            (
-                f"{1 / t['inv_flops_efficiency']:.0%}"
-                + (" (at its bound: steps < 1 s cannot identify it)" if t.get("inv_flops_efficiency") == 1.0 else "")
-            )
-            if t.get("inv_flops_efficiency")
-            else "-",
-        ),
-        (
-            "per-layer step overhead (full / adapters)",
-            f"{t.get('seconds_per_layer_full', 0) * 1e3:.1f} / {t.get('seconds_per_layer_adapters', 0) * 1e3:.1f} ms",
-        ),
-        (
-            "dequantization bandwidth efficiency",
-            f"{1 / t['inv_bandwidth_efficiency']:.0%}" if t.get("inv_bandwidth_efficiency") else "-",
-        ),
+        *_step_time_rows(ov),
         ("fitted on / held out", f"{len(ov.fitted_on)} records / the rest"),
     ]
     return [{"constant": k, "value": v} for k, v in rows]
+
+
+def _step_time_rows(ov) -> list[tuple[str, str]]:
+    """The step-time constants per GPU profile (estimate/steptime.py), with their out-of-sample error."""
+    rows = []
+    for gpu, fit in sorted(ov.step_time.items()):
+        t = fit["theta"]
+        loo = [abs(v) for v in fit.get("loo_rel_error", {}).values()]
+        rows += [
+            (
+                f"step time on {gpu}: GEMM / attention / bandwidth efficiency",
+                f"{t['e_mm']:.0%} / {t['e_attn']:.0%} / {t['e_bw']:.0%} of the datasheet peak",
+            ),
+            (
+                f"step time on {gpu}: host per kernel (Python / autograd engine), per module call, shortest kernel",
+                f"{t['c_py'] * 1e6:.1f} / {t['c_eng'] * 1e6:.1f} us, {t['c_mod'] * 1e6:.0f} us, "
+                f"{t['t_min'] * 1e6:.1f} us",
+            ),
+            (
+                f"step time on {gpu}: error left out (median / worst, {len(loo)} runs)",
+                f"{statistics.median(loo):.1%} / {max(loo):.1%}" if loo else "-",
+            ),
+        ]
+    return rows
 
 
 def breakdown_series(rows) -> list[dict]:
@@ -246,4 +255,34 @@ def collect(records: list[Record]) -> dict:
         "calibration": calibration_table(),
         "breakdown": breakdown_series(memory_rows),
         "inference": inference_table(),
+        "step_time": step_time_table(ok_rows),
+        "step_time_band": step_time_band(),
     }
+
+
+def step_time_band() -> float:
+    """The worst leave-one-out step-time error over the GPU classes fitted (0 if none)."""
+    fits = overheads().step_time.values()
+    return max((abs(v) for f in fits for v in f.get("loo_rel_error", {}).values()), default=0.0)
+
+
+def step_time_table(rows) -> list[dict]:
+    """Per record with a measured step time: measured and predicted step, the error in sample and left out."""
+    out = []
+    for x in sorted(rows, key=lambda r: (r.record.model, r.record.id)):
+        tp = x.throughput
+        if not tp.get("tokens_per_sec_predicted"):
+            continue
+        out.append(
+            {
+                "configuration": x.record.id,
+                "step s": f"{tp['step_seconds']:.3f}" if tp.get("step_seconds") else "-",
+                "tokens/s": f"{tp['tokens_per_sec']:,.0f}",
+                "predicted": f"{tp['tokens_per_sec_predicted']:,.0f}",
+                "error": pct(tp.get("error")),
+                "error left out": pct(tp.get("error_left_out")),
+                "MFU": f"{tp['mfu']:.1%}" if tp.get("mfu") is not None else "-",
+                "HFU": f"{tp['hfu']:.1%}" if tp.get("hfu") is not None else "-",
+            }
+        )
+    return out

@@ -148,6 +148,44 @@ def _thousands():
     return FuncFormatter(lambda v, _: f"{v:,.0f}")
 
 
+def throughput_scatter(rows, band: float) -> bytes:
+    """Predicted against measured tokens/s (log axes), one marker per record; the dashed lines are the step-time
+    model's band (its worst leave-one-out error), hollow markers the steps under 0.5 s (the noisiest)."""
+    plt = _fig()
+    sel = [x for x in rows if x.throughput.get("tokens_per_sec") and x.throughput.get("tokens_per_sec_predicted")]
+    fig, a = plt.subplots(figsize=(8, 7))
+    lo = min(min(x.throughput["tokens_per_sec"], x.throughput["tokens_per_sec_predicted"]) for x in sel) / 1.5
+    hi = max(max(x.throughput["tokens_per_sec"], x.throughput["tokens_per_sec_predicted"]) for x in sel) * 1.5
+    a.plot([lo, hi], [lo, hi], color="#444444", linewidth=1, label="predicted = measured")
+    for k in (1 + band, 1 / (1 + band)):
+        a.plot([lo, hi], [lo * k, hi * k], color="#888888", linewidth=1, linestyle="--")
+    for method, (color, marker) in METHOD_STYLE.items():
+        for long in (True, False):
+            pts = [
+                (x.throughput["tokens_per_sec"], x.throughput["tokens_per_sec_predicted"])
+                for x in sel
+                if x.record.settings.method == method and ((x.throughput.get("step_seconds") or 0) >= 0.5) == long
+            ]
+            if pts:
+                a.scatter(
+                    [p[0] for p in pts], [p[1] for p in pts], marker=marker, s=60,
+                    color=color if long else "none", edgecolors=color,
+                    label=f"{method}" + ("" if long else " (step < 0.5 s)"),
+                )  # fmt: skip
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlim(lo, hi)
+    a.set_ylim(lo, hi)
+    a.xaxis.set_major_formatter(_thousands())
+    a.yaxis.set_major_formatter(_thousands())
+    a.set_xlabel("measured tokens/s")
+    a.set_ylabel("predicted tokens/s")
+    a.set_title(f"Step-time model vs measured runs (dashed: ±{band:.0%}, its worst left-out error)")
+    a.grid(True, color="#dddddd", linewidth=0.6)
+    a.legend(fontsize=8)
+    return _png(fig)
+
+
 def throughput(rows) -> bytes:
     """Left: tokens/s measured and predicted per configuration, with MFU. Right: tokens/s against peak memory,
     one panel per model, since a 1B and an 8B model differ several-fold on both axes and would hide each other."""

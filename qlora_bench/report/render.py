@@ -120,6 +120,11 @@ def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
             "Tokens/s measured and predicted with MFU, and tokens/s against peak memory, one panel per model.",
             plots.throughput(data["rows"]),
         ),
+        "step-time.png": (
+            "Predicted against measured tokens/s for every record (the step-time model: kernels priced and queued, "
+            "constants fitted per GPU by `qlora-bench calibrate`); dashed: its band.",
+            plots.throughput_scatter(data["rows"], data["step_time_band"]),
+        ),
     }
     sections = [
         ("Accuracy against the targets", _targets(data), None),
@@ -127,6 +132,7 @@ def build_report(inputs: list[Path], out_dir: Path) -> list[Path]:
         ("Predicted vs measured", data["errors"], "predicted-vs-measured.png"),
         ("Memory breakdown per configuration", None, "memory-breakdown.png"),
         ("Throughput, MFU and the memory / throughput trade-off", None, "throughput.png"),
+        ("Step time: predicted vs measured", data["step_time"], "step-time.png"),
         ("Feasibility matrix (estimator)", data["feasibility"], None),
         ("Serving after fine-tuning (estimator)", data["inference"], None),
         (

@@ -98,6 +98,9 @@ class TraceResult:
     phases: list = field(default_factory=list, repr=False)  # [event index, phase name]
     events: list | None = field(default=None, repr=False)  # ("alloc", key, nbytes, tag) ... when asked
     event_ops: dict | None = field(default=None, repr=False)  # key -> the op that allocated it, when asked
+    # {phase: {aten op: calls}} of the ops that are not views, per step phase (fwd1, bwd1, opt1, zero1, ...): the
+    # step's kernel inventory as the real libraries run it
+    op_calls: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self, timeline: bool = False) -> dict:
         d = asdict(self)
@@ -228,6 +231,7 @@ def trace(
         phases=r["phases"],
         events=loaded[0],
         event_ops=loaded[1],
+        op_calls=r.get("op_calls", {}),
     )
 
 
@@ -255,3 +259,25 @@ def load_events(path: str | Path) -> tuple[list[tuple], dict]:
             else:
                 events.append(tuple(row))
     return events, ops
+
+
+# ops that launch no kernel: views' bookkeeping, device queries, the profiler's markers
+NOT_KERNELS = frozenset({"device", "_unsafe_view", "_record_function_enter_new", "_record_function_exit"})
+
+
+def layer_op_calls(spec: ModelSpec, settings: Settings, step: int = 2) -> dict:
+    """Per decoder layer, the ops (not views) one training step runs, forward and backward (backward includes the
+    checkpointed recompute), as the real libraries run them: the difference between traces of the model cut to 3
+    and to 2 layers. What estimate/steptime.py's kernel inventory is checked against."""
+    import dataclasses
+
+    calls = []
+    for n in (2, 3):
+        cut = dataclasses.replace(spec, num_layers=n, config={**spec.config, "num_hidden_layers": n})
+        calls.append(trace(cut, settings, steps=step, timeline_points=0))
+    out = {"versions": calls[1].versions}
+    for phase in ("fwd", "bwd"):
+        a, b = (c.op_calls.get(f"{phase}{step}", {}) for c in calls)
+        diff = {k: b.get(k, 0) - a.get(k, 0) for k in sorted(set(a) | set(b)) if k not in NOT_KERNELS}
+        out[phase] = {k: v for k, v in diff.items() if v}
+    return out

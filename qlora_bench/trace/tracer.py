@@ -89,6 +89,9 @@ class Recorder(TorchDispatchMode):
         self.paged_peak = 0
         self.attention: dict[str, int] = {}  # SDPA backend -> calls (filled by the SDPA patch)
         self.paused = False  # True while a patch creates a tensor that is not in the caching allocator
+        # (phase name, op) -> calls of ops that are not views: the step's kernel inventory (estimate/steptime.py
+        # is checked against it)
+        self.op_calls: dict[tuple[str, str], int] = {}
 
     # ---- phases --------------------------------------------------------------------------------------------
     def phase(self, name: str, kind: str) -> None:
@@ -196,6 +199,9 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.n_ops += 1
         name = func.overloadpacket.__name__
+        if not func.is_view:
+            k = (self.phase_name, name)
+            self.op_calls[k] = self.op_calls.get(k, 0) + 1
         if isinstance(out, torch.Tensor):
             self.track(out, name)
         elif isinstance(out, (tuple, list)):

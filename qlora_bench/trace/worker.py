@@ -197,6 +197,7 @@ def run(req: dict) -> dict:
         "attention": dict(sorted(rec.attention.items())),
         "param_bytes_by_dtype": dict(sorted(param_bytes.items())),
         "ops": rec.n_ops,
+        "op_calls": _op_calls(rec.op_calls),
         "events": len(events),
         "allocations": sum(1 for e in events if e[0] == "alloc"),
         "seconds": {
@@ -214,6 +215,15 @@ def run(req: dict) -> dict:
     }
     if req.get("events_path"):
         write_events(Path(req["events_path"]), events, rec.ops)
+    return out
+
+
+def _op_calls(calls: dict) -> dict:
+    """{phase: {op: calls}} for the step phases (fwd1, bwd1, opt1, zero1, ...), ops sorted by name."""
+    out: dict[str, dict[str, int]] = {}
+    for (phase, op), n in sorted(calls.items()):
+        if phase not in ("load", "end"):
+            out.setdefault(phase, {})[op] = n
     return out
 
 
