@@ -210,13 +210,7 @@ def _plan_gpus(a: argparse.Namespace, model, gpus) -> int:
         raise InputError("--gpu all (or a list) ranks cards with the estimator: drop --trace / --fastest")
     s = settings_from_args(a, _plan_one_method(a, "--gpu all"))
     options = rank_gpus(model, s, gpus, a.epoch_tokens, epochs=a.epochs, price=a.price)
-    if a.json:
-        print(_json([o.to_dict() for o in options]))
-        return 0
-    from . import render
-
-    render.gpu_ranking(model, s, options, a.epoch_tokens, a.epochs)
-    return 0
+    return _print_options(a, options, lambda r: r.gpu_ranking(model, s, options, a.epoch_tokens, a.epochs))
 
 
 def _plan_fastest(a: argparse.Namespace, model, gpu) -> int:
@@ -226,12 +220,17 @@ def _plan_fastest(a: argparse.Namespace, model, gpu) -> int:
         raise InputError("--fastest searches with the estimator: drop --trace")
     s = settings_from_args(a, _plan_one_method(a, "--fastest"))
     options = fastest(model, s, gpu, a.epoch_tokens, epochs=a.epochs, price=a.price)
+    return _print_options(a, options, lambda r: r.fastest(model, options))
+
+
+def _print_options(a: argparse.Namespace, options: list, show) -> int:
+    """JSON (a list of options) or the human table `show(render)` draws."""
     if a.json:
         print(_json([o.to_dict() for o in options]))
         return 0
     from . import render
 
-    render.fastest(model, options)
+    show(render)
     return 0
 
 
