@@ -374,7 +374,8 @@ def fit_step_time(records: list[Record]) -> dict:
         loo = {}
         for r, _, c in rows:
             rest = [x[2] for x in fitted if x[0] is not r]
-            th = _fit_theta(rest, THETA_BOUNDS, theta, checks, rounds=1, iters=300)
+            # refitted from the same start as the fit itself (not from its optimum): the error is out of sample
+            th = _fit_theta(rest, THETA_BOUNDS, THETA_START, checks, rounds=2, iters=750)
             loo[r.id] = round(
                 StepTimeModel({name: {"theta": th}}).step_seconds(r.model_spec(), r.settings, gpu) / c[3] - 1, 4
             )

@@ -193,7 +193,11 @@ def _gpu_list(text: str):
         names = [t for t in (x.strip() for x in text.split(",")) if t]
         if not names:
             raise InputError(f"--gpu {text!r}: name GPUs separated by commas, e.g. h100,a100,rtx-4090")
-        return [resolve_gpu(n) for n in names]
+        gpus = {}
+        for n in names:  # one row per card, however often it is named
+            g = resolve_gpu(n)
+            gpus.setdefault((g.name, g.count), g)
+        return list(gpus.values())
     return None
 
 
@@ -209,6 +213,11 @@ def _plan_gpus(a: argparse.Namespace, model, gpus) -> int:
     if a.trace or a.fastest:
         raise InputError("--gpu all (or a list) ranks cards with the estimator: drop --trace / --fastest")
     s = settings_from_args(a, _plan_one_method(a, "--gpu all"))
+    if s.compute_dtype == "fp32":
+        raise InputError(
+            "--gpu all ranks cards by predicted time, which is not predicted for fp32 compute (the GPU profiles "
+            "carry 16-bit peaks): use --compute-dtype bf16 or fp16"
+        )
     options = rank_gpus(model, s, gpus, a.epoch_tokens, epochs=a.epochs, price=a.price)
     return _print_options(a, options, lambda r: r.gpu_ranking(model, s, options, a.epoch_tokens, a.epochs))
 

@@ -66,8 +66,16 @@ class Plan:
     price_per_hour: float | None = None  # per GPU (profile or --price)
     price_source: str | None = None
     cost_usd: float | None = None  # all GPUs, all epochs
+    gpu_busy: float | None = None  # fraction of the predicted step the GPU computes (the rest: host-bound)
     suggestions: list[Suggestion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_tokens_per_sec(self) -> float | None:
+        """All GPUs together (data-parallel copies at the stated scaling)."""
+        if not self.tokens_per_sec:
+            return None
+        return self.tokens_per_sec * self.gpu.count * data_parallel_efficiency(self.gpu.count)
 
     def to_dict(self) -> dict:
         e = self.estimate
@@ -85,6 +93,7 @@ class Plan:
             "step_seconds": self.step_seconds,
             "mfu": self.mfu,
             "hfu": self.hfu,
+            "gpu_busy": self.gpu_busy,
             "step_time_band": self.step_time_band,
             "step_time_constants": self.step_time_constants,
             "epoch_tokens": self.epoch_tokens,
@@ -407,6 +416,10 @@ def bigger_gpu(e: Estimate, gpu: GpuSpec) -> tuple[str, str] | None:
 DATA_PARALLEL_EFFICIENCY = 0.9
 
 
+# Below this share of GPU-busy time a step is host-bound (plan says so: a faster GPU would not help it)
+HOST_BOUND = 0.5
+
+
 def data_parallel_efficiency(count: int) -> float:
     return 1.0 if count <= 1 else DATA_PARALLEL_EFFICIENCY
 
@@ -425,6 +438,13 @@ def _throughput(p: Plan, model: ModelSpec, s: Settings, gpu: GpuSpec) -> None:
         if p.price_per_hour:
             p.cost_usd = p.epoch_seconds * p.epochs / 3600 * p.price_per_hour * gpu.count
         p.mfu, p.hfu = mfu(model, s, gpu, p.tokens_per_sec)
+        step, _, busy = tm.breakdown(model, s, gpu)
+        p.gpu_busy = round(busy / step, 4)
+        if p.gpu_busy < HOST_BOUND:
+            p.notes.append(
+                f"step time: host-bound (the GPU computes {p.gpu_busy:.0%} of the predicted step; kernel launches and "
+                "Python calls take the rest): a larger micro-batch adds little time per step, a faster GPU saves little"
+            )
         p.step_time_band = round(tm.uncertainty(gpu), 4)
         p.step_time_constants = tm.constants_for(gpu)[1]
         if p.step_time_constants != gpu.name:
@@ -619,11 +639,12 @@ class Option:
             "verdict": p.verdict if p else "does not fit",
             "peak_device_bytes": p.estimate.peak_device_bytes if p else None,
             "usable_bytes": p.usable_bytes if p else usable_bytes(self.gpu),
-            "tokens_per_sec": p.tokens_per_sec if p else None,
+            "tokens_per_sec": p.tokens_per_sec if p else None,  # per GPU
+            "tokens_per_sec_total": p.total_tokens_per_sec if p else None,
             "step_seconds": p.step_seconds if p else None,
             "epoch_seconds": p.epoch_seconds if p else None,
             "price_per_hour": p.price_per_hour if p else self.gpu.price_per_hour,
-            "cost_usd": p.cost_usd if p else None,
+            "cost_usd": p.cost_usd if p and p.fits else None,
             "why": self.why,
         }
 
@@ -633,19 +654,23 @@ def _divisors(n: int) -> list[int]:
 
 
 def best_on(model: ModelSpec, s: Settings, gpu: GpuSpec, epoch_tokens: int, epochs: float = 1.0, price=None) -> Option:
-    """The largest micro-batch that divides the requested global batch (batch x accumulation) and fits on `gpu`,
-    with the accumulation that keeps the global batch; its plan (throughput, time, cost). Divisors are tried from
-    the largest; the memory proxy (batch 1's replayed slack) skips those far over, the rest are replayed (replays
-    are memoized, so ranking many GPUs replays each micro-batch once)."""
+    """The largest micro-batch that divides the requested global batch (batch x accumulation, split evenly across
+    the GPUs of a count such as 4xrtx-4090) and fits on `gpu`, with the accumulation that keeps the global batch;
+    its plan (throughput, time, cost). Divisors are tried from the largest; the memory proxy (batch 1's replayed
+    slack) skips those far over, the rest are replayed (replays are memoized, so ranking many GPUs replays each
+    micro-batch once)."""
     usable = usable_bytes(gpu)
     global_batch = s.batch * s.grad_accum
+    if global_batch % gpu.count:
+        return Option(gpu, s, None, f"the global batch {global_batch} does not split across {gpu.count} GPUs")
+    per_gpu = global_batch // gpu.count
     one = estimate(model, s.with_(batch=1, grad_accum=1))
-    for micro in sorted(_divisors(global_batch), reverse=True):
-        chosen = s.with_(batch=micro, grad_accum=global_batch // micro)
+    for micro in sorted(_divisors(per_gpu), reverse=True):
+        chosen = s.with_(batch=micro, grad_accum=per_gpu // micro)
         if micro > 1 and not _fits(estimate(model, chosen, anchor=one), round(usable * 1.05)):
             continue
         if fits_with_margin(estimate(model, chosen), usable):
-            why = "" if chosen == s else f"micro-batch {micro} x accumulation {global_batch // micro}"
+            why = "" if chosen == s else f"micro-batch {micro} x accumulation {per_gpu // micro}"
             p = plan(model, chosen, gpu, epoch_tokens, epochs=epochs, price=price, searches=False)
             return Option(gpu, chosen, p, why)
     return Option(gpu, s, None, f"batch 1 x {s.seq:,} tokens does not fit")
@@ -706,7 +731,15 @@ def fastest(model, s: Settings, gpu: GpuSpec, epoch_tokens: int, epochs: float =
         )
     usable = usable_bytes(gpu)
     own = estimate(model, s)
-    ranked = sorted(_settings_variants(model, s), key=lambda v: -tm.tokens_per_second(model, v[0], gpu))
+    # fastest first; among equally fast variants (paged and plain optimizer states run the same kernels) the one
+    # that changes the fewest settings
+    ranked = sorted(
+        _settings_variants(model, s),
+        key=lambda v: (
+            -round(tm.tokens_per_second(model, v[0], gpu), 1),
+            0 if v[1] == "your settings" else len(v[1].split("; ")),
+        ),
+    )
     best = None
     for v, why in ranked:
         try:

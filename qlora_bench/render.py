@@ -167,8 +167,17 @@ def _speed_line(p: Plan) -> str:
     )
 
 
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:,.1f} h"
+def _span(seconds: float) -> str:
+    """A compact duration for table cells: 45 s, 3.9 min, 4.9 h, 1,250 h."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 360000 else f"{seconds / 3600:,.0f} h"
+
+
+def _money(usd: float) -> str:
+    return f"${usd:,.0f}" if usd >= 100 else f"${usd:,.2f}"
 
 
 def gpu_ranking(model, s, options: list, epoch_tokens: int, epochs: float) -> None:
@@ -178,28 +187,39 @@ def gpu_ranking(model, s, options: list, epoch_tokens: int, epochs: float) -> No
         f"[bold]{model.name} · {s.describe()} · global batch {s.batch * s.grad_accum} · "
         f"{_tokens(epoch_tokens)} tokens{ep}[/bold]"
     )
-    t = table(None, "GPU", "batch x acc", "GiB / usable", "tokens/s", "time", "$/GPU-h", "cost",
-              numeric=("batch x acc", "GiB / usable", "tokens/s", "time", "$/GPU-h", "cost"))  # fmt: skip
+    t = table(None, "GPU", "batch x acc", "peak GiB", "tokens/s", "time", "$/GPU-h", "cost",
+              numeric=("batch x acc", "peak GiB", "tokens/s", "time", "$/GPU-h", "cost"))  # fmt: skip
     t.columns[0].no_wrap = True
     for o in options:
         p = o.plan
         if p is None:
-            t.add_row(o.gpu.label, "-", f"- / {_g(o.to_dict()['usable_bytes'])}", "-", "-", "-", "-")
+            t.add_row(o.gpu.label, "-", "-", "-", "-", "-", "-")
             continue
         st = p.estimate.settings
         t.add_row(
             o.gpu.label,
             f"{st.batch} x {st.grad_accum}",
-            f"{_g(p.estimate.peak_device_bytes)} / {_g(p.usable_bytes)}",
-            "-" if p.tokens_per_sec is None else f"{p.tokens_per_sec:,.0f}",
-            "-" if p.epoch_seconds is None else _hours(p.epoch_seconds * epochs),
+            _g(p.estimate.peak_device_bytes),
+            "-" if p.total_tokens_per_sec is None else f"{p.total_tokens_per_sec:,.0f}",
+            "-" if p.epoch_seconds is None else _span(p.epoch_seconds * epochs),
             "-" if p.price_per_hour is None else f"{p.price_per_hour:g}",
-            "-" if p.cost_usd is None else f"${p.cost_usd:,.0f}",
+            "-" if p.cost_usd is None else _money(p.cost_usd),
         )
     console.print(t)
-    nothing = [o.gpu.label for o in options if o.plan is None]
-    if nothing:
-        note(f"nothing fits on: {', '.join(nothing)} (batch 1 at this sequence length)")
+    why: dict[str, list[str]] = {}
+    for o in options:
+        if o.plan is None:
+            why.setdefault(o.why, []).append(o.gpu.label)
+    for reason, names in why.items():
+        note(f"{reason}: {', '.join(names)}")
+    unknown = [o.gpu.label for o in options if o.plan and o.plan.tokens_per_sec is None]
+    if unknown:
+        note(f"no time predicted for {', '.join(unknown)}: a bare size has no peak TFLOP/s (name a GPU profile)")
+    if any(o.gpu.count > 1 for o in options):
+        note(
+            "a count (4xrtx-4090) splits the global batch across its GPUs; tokens/s is all of them at an assumed "
+            "90% data-parallel scaling"
+        )
     if any(o.plan and o.plan.price_source == "--price" for o in options):
         note("prices: --price for every card")
     elif any(o.plan and o.plan.price_per_hour for o in options):
@@ -223,13 +243,17 @@ def fastest(model, options: list) -> None:
               numeric=("tokens/s", "peak GiB", "time", "cost"))  # fmt: skip
     for o in options:
         q = o.plan
+        if o is not best:
+            label = "yours"
+        else:
+            label = "fastest" if len(options) > 1 else ("yours (fastest)" if q.fits else "yours")
         t.add_row(
-            "fastest" if o is best and len(options) > 1 else ("yours" if o is not best else "yours (fastest)"),
+            label,
             q.estimate.settings.describe(),
             "-" if q.tokens_per_sec is None else f"{q.tokens_per_sec:,.0f}",
             f"{_g(q.estimate.peak_device_bytes)}" + ("" if q.fits else " (does not fit)"),
-            "-" if q.epoch_seconds is None else _duration(q.epoch_seconds * q.epochs),
-            "-" if q.cost_usd is None else f"${q.cost_usd:,.2f}",
+            "-" if q.epoch_seconds is None or not q.fits else _duration(q.epoch_seconds * q.epochs),
+            "-" if q.cost_usd is None or not q.fits else _money(q.cost_usd),
         )
     console.print(t)
     if len(options) > 1:

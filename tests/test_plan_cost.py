@@ -6,6 +6,7 @@ import json
 import pytest
 
 from qlora_bench.cli import main
+from qlora_bench.estimate import estimate
 from qlora_bench.plan import (
     DATA_PARALLEL_EFFICIENCY,
     _settings_variants,
@@ -16,7 +17,6 @@ from qlora_bench.plan import (
     rank_gpus,
     usable_bytes,
 )
-from qlora_bench.estimate import estimate
 from qlora_bench.profiles import gpu_names, resolve_gpu
 from qlora_bench.settings import Settings
 
@@ -38,7 +38,7 @@ def test_cost_is_time_times_price_times_gpus(llama8b):
     assert two.epoch_seconds == pytest.approx(one.epoch_seconds / (2 * DATA_PARALLEL_EFFICIENCY))
     assert two.cost_usd == pytest.approx(two.epoch_seconds * 2 / 3600 * 3.0 * 2)
     assert any("90% scaling" in n for n in two.notes)
-    assert plan(llama8b, Settings(), resolve_gpu("a10"), 10**8).cost_usd is None  # no price in its profile
+    assert plan(llama8b, Settings(), resolve_gpu("rtx-a6000"), 10**8).cost_usd is None  # no price in its profile
 
 
 def test_best_on_a_card_keeps_the_global_batch_and_fits(llama8b):
@@ -105,3 +105,11 @@ def test_cli_fastest(capsys):
 def test_cli_refuses_in_one_line(capsys, args, needle):
     code, out, err = run(capsys, "plan", "--model", "8b", *args)
     assert code == 2 and needle in err and "Traceback" not in err + out
+
+
+def test_a_gpu_count_splits_the_global_batch(llama8b):
+    o = best_on(llama8b, Settings(batch=8), resolve_gpu("4xrtx-4090"), 10**8)
+    assert o.settings.batch * o.settings.grad_accum * 4 == 8
+    assert o.plan.total_tokens_per_sec == pytest.approx(o.plan.tokens_per_sec * 4 * DATA_PARALLEL_EFFICIENCY)
+    odd = best_on(llama8b, Settings(batch=6), resolve_gpu("4xrtx-4090"), 10**8)
+    assert odd.plan is None and "does not split across 4 GPUs" in odd.why

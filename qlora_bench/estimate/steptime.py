@@ -60,10 +60,12 @@ class Op:
 
 @dataclass(frozen=True)
 class Block:
-    """Kernels that run `repeat` times in a row (a decoder layer's forward: num_layers times)."""
+    """Kernels that run `repeat` times in a row (a decoder layer's forward: num_layers times), or a sequence of
+    blocks repeated together (`inner`: the micro-batches of gradient accumulation)."""
 
-    ops: tuple[Op, ...]
+    ops: tuple[Op, ...] = ()
     repeat: int = 1
+    inner: tuple = ()
 
 
 class _Layer:
@@ -343,19 +345,17 @@ def step_blocks(model: ModelSpec, s: Settings) -> tuple[Block, ...]:
     gc = s.gradient_checkpointing
     if gc:
         fwd = (*fwd, _host(PY, 2))  # checkpoint(): the wrapper and its saved-tensor hooks
-    micro = [
+    micro = (
         Block(tuple(head_forward(L))[:2]),
         Block(fwd, n),
         Block(tuple(head_forward(L))[2:]),
         Block(tuple(head_backward(L))),
         Block((*fwd, *bwd) if gc else bwd, n),
-    ]
+    )
     tensors = trainable_tensors(model, s)
-    blocks: list[Block] = []
-    for i in range(s.grad_accum):
-        blocks += micro
-        if i:
-            blocks.append(Block(tuple(accumulate_ops(tensors))))
+    blocks = [Block(inner=micro)]
+    if s.grad_accum > 1:  # the later micro-batches also add into .grad
+        blocks.append(Block(inner=(*micro, Block(tuple(accumulate_ops(tensors)))), repeat=s.grad_accum - 1))
     blocks.append(Block(tuple(optimizer_ops(model, s, tensors))))
     return tuple(blocks)
 
@@ -394,18 +394,28 @@ def step_seconds(model: ModelSpec, s: Settings, gpu: GpuSpec, theta: dict) -> fl
     return simulate(step_blocks(model, s), theta, gpu.dense_tflops * 1e12, gpu.memory_bandwidth_GBps * 1e9)[0]
 
 
-def simulate(blocks, theta: dict, peak: float, bw: float) -> tuple[float, float, float]:
-    """(step seconds, host seconds, GPU-busy seconds) of the blocks through the launch queue."""
-    backlog = 0.0
-    host = gpu = 0.0
+def _compose(blocks, theta: dict, peak: float, bw: float) -> tuple[float, float, float, float]:
+    """(A, B, host seconds, GPU seconds) of blocks in order, each repeated: maps max(b + A1, B1) then max(b + A2, B2)
+    compose to max(b + A1 + A2, max(B1 + A2, B2)); n repeats of (A, B) are (n A, B + max(0, (n - 1) A))."""
+    A = B = host = gpu = 0.0
     for blk in blocks:
-        A, B, H = _pair(blk.ops, theta, peak, bw)
+        if blk.inner:
+            a, b, h, g = _compose(blk.inner, theta, peak, bw)
+        else:
+            a, b, h = _pair(blk.ops, theta, peak, bw)
+            g = a + h  # sum(g - h) + sum(h)
         n = blk.repeat
-        rep_A, rep_B = n * A, B + max(0.0, (n - 1) * A)
-        backlog = max(backlog + rep_A, rep_B, 0.0)
-        host += n * H
-        gpu += n * (A + H)
-    return host + backlog, host, gpu
+        A, B = A + n * a, max(B + n * a, b + max(0.0, (n - 1) * a))
+        host += n * h
+        gpu += n * g
+    return A, B, host, gpu
+
+
+def simulate(blocks, theta: dict, peak: float, bw: float) -> tuple[float, float, float]:
+    """(step seconds, host seconds, GPU-busy seconds) of the blocks through the launch queue, from an empty queue
+    (the runner synchronizes after each step)."""
+    A, B, host, gpu = _compose(blocks, theta, peak, bw)
+    return host + max(A, B, 0.0), host, gpu
 
 
 # What the constants can physically be (the fit stays inside; the calibration schema refuses what is outside):
@@ -449,9 +459,16 @@ class StepTimeModel:
         return max((abs(v) for v in loo.values()), default=0.0)
 
     def step_seconds(self, model: ModelSpec, s: Settings, gpu: GpuSpec) -> float | None:
-        if s.compute_dtype == "fp32":  # the profiles carry 16-bit tensor-core peaks only
+        t = self.breakdown(model, s, gpu)
+        return None if t is None else t[0]
+
+    def breakdown(self, model: ModelSpec, s: Settings, gpu: GpuSpec) -> tuple[float, float, float] | None:
+        """(step, host, GPU-busy) seconds; None for fp32 compute (the profiles carry 16-bit tensor-core peaks only)
+        or a GPU without a peak and bandwidth."""
+        if s.compute_dtype == "fp32" or not gpu.dense_tflops or not gpu.memory_bandwidth_GBps:
             return None
-        return step_seconds(model, s, gpu, self.constants_for(gpu)[0])
+        theta = self.constants_for(gpu)[0]
+        return simulate(step_blocks(model, s), theta, gpu.dense_tflops * 1e12, gpu.memory_bandwidth_GBps * 1e9)
 
     def tokens_per_second(self, model: ModelSpec, s: Settings, gpu: GpuSpec) -> float | None:
         t = self.step_seconds(model, s, gpu)
