@@ -387,13 +387,6 @@ def _pair(ops: tuple[Op, ...], theta: dict, peak: float, bw: float) -> tuple[flo
     return A, B, H
 
 
-def step_seconds(model: ModelSpec, s: Settings, gpu: GpuSpec, theta: dict) -> float | None:
-    """Predicted seconds per optimizer step (all micro-batches), or None without the GPU's peak and bandwidth."""
-    if not gpu.dense_tflops or not gpu.memory_bandwidth_GBps:
-        return None
-    return simulate(step_blocks(model, s), theta, gpu.dense_tflops * 1e12, gpu.memory_bandwidth_GBps * 1e9)[0]
-
-
 def _compose(blocks, theta: dict, peak: float, bw: float) -> tuple[float, float, float, float]:
     """(A, B, host seconds, GPU seconds) of blocks in order, each repeated: maps max(b + A1, B1) then max(b + A2, B2)
     compose to max(b + A1 + A2, max(B1 + A2, B2)); n repeats of (A, B) are (n A, B + max(0, (n - 1) A))."""
