@@ -1,4 +1,4 @@
-"""nox sessions. CPU: `nox -s tests lint bench_cpu report`. GPU runners: `nox -s bench_gpu`, `nox -s sweep`.
+"""nox sessions. CPU: `nox -s tests lint bench_cpu heavy report`. GPU runners: `nox -s bench_gpu`, `nox -s sweep`.
 
 Each session installs what it needs into its own venv. On CPU machines torch is pinned to the local CPU wheel
 (torch==2.13.0); GPU sessions install the default (CUDA) torch wheel from PyPI.
@@ -8,7 +8,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "bench_cpu"]
+nox.options.sessions = ["tests", "lint", "bench_cpu", "heavy"]
 CONSTRAINTS = ("-c", "constraints/test.txt")
 
 
@@ -46,6 +46,13 @@ def fuzz(session: nox.Session) -> None:
     session.env.setdefault("QLORA_BENCH_PROPERTY_EXAMPLES", os.environ.get("QLORA_BENCH_PROPERTY_EXAMPLES", "10"))
     session.env.setdefault("QLORA_BENCH_HYPOTHESIS_PROFILE", os.environ.get("QLORA_BENCH_HYPOTHESIS_PROFILE", "fuzz"))
     session.run("pytest", "tests/test_fuzz_inputs.py", "tests/test_properties.py", "-q", *session.posargs)
+
+
+@nox.session
+def heavy(session: nox.Session) -> None:
+    """Tests marked `heavy` outside the benchmarks (a minute or more each, e.g. the calibration's left-out refits)."""
+    _install_cpu(session)
+    session.run("pytest", "tests", "--ignore", "tests/benchmarks", "-m", "heavy", *session.posargs)
 
 
 @nox.session

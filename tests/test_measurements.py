@@ -41,8 +41,10 @@ def test_estimate_vs_measured(rec):
 
 
 def test_median_device_error():
-    errs = [abs(estimate(r.model_spec(), r.settings).peak_device_bytes / r.measured["peak_device_bytes"] - 1)
-            for r in RECORDS]
+    errs = [
+        abs(estimate(r.model_spec(), r.settings).peak_device_bytes / r.measured["peak_device_bytes"] - 1)
+        for r in RECORDS
+    ]
     print(f"device peak error: median {statistics.median(errs):.2%}, worst {max(errs):.2%}")
     assert statistics.median(errs) <= 0.02
 
@@ -65,14 +67,40 @@ def test_record_architecture_matches_profile():
     for r in RECORDS:
         spec = resolve_model(r.model)
         arch = r.data["architecture"]
-        assert (spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.num_kv_heads, spec.vocab_size,
-                spec.tie_word_embeddings) == (arch["hidden_size"], arch["intermediate_size"],
-                                              arch["num_hidden_layers"], arch["num_key_value_heads"],
-                                              arch["vocab_size"], arch["tie_word_embeddings"])
+        assert (
+            spec.hidden_size,
+            spec.intermediate_size,
+            spec.num_layers,
+            spec.num_kv_heads,
+            spec.vocab_size,
+            spec.tie_word_embeddings,
+        ) == (
+            arch["hidden_size"],
+            arch["intermediate_size"],
+            arch["num_hidden_layers"],
+            arch["num_key_value_heads"],
+            arch["vocab_size"],
+            arch["tie_word_embeddings"],
+        )
         assert r.measured["base_model_params"] == spec.total_params
 
 
 def test_committed_calibration_is_a_fresh_fit():
+    """Everything `calibrate` writes, refitted from the committed records, except the step-time leave-one-out
+    errors (20 refits, about a minute: the heavy test below refits those too)."""
+    from qlora_bench.crosscheck import read_rows
+
+    committed = json.loads(CALIBRATION_FILE.read_text())
+    grid = read_rows(RESULTS_DIR / "crosscheck" / "grid.json")
+    fresh = fit(load_records(RESULTS_DIR), crosscheck_rows=grid, leave_one_out=False)
+    for gpu, st in committed["step_time"].items():
+        loo = st.pop("loo_rel_error")
+        assert set(loo) == set(st["rel_error"]), gpu  # every record with a step time has its left-out error
+    assert fresh == committed
+
+
+@pytest.mark.heavy
+def test_committed_calibration_is_a_fresh_fit_with_left_out_errors():
     from qlora_bench.crosscheck import read_rows
 
     committed = json.loads(CALIBRATION_FILE.read_text())
@@ -133,17 +161,27 @@ def _records_with(tmp_path, change):
     return f
 
 
-@pytest.mark.parametrize("change,needle", [
-    # a negative idle baseline used to fit a driver reservation of -931 GiB, after which 70B "fit" in 24 GB
-    (lambda d: d["measured"].update(nvml_used_baseline_bytes=-10**12), "nvml_used_baseline_bytes"),
-    # NVML's peak below torch's reserved peak: the figures contradict each other
-    (lambda d: d["measured"].update(peak_device_bytes=d["measured"]["peak_reserved_bytes"] // 2),
-     "peak_reserved_bytes"),
-    # a record the formulas do not describe (allocated peak halved) must not bend the fitted constants
-    (lambda d: d["measured"].update(peak_allocated_bytes=d["measured"]["peak_allocated_bytes"] // 2,
-                                    peak_reserved_bytes=d["measured"]["peak_reserved_bytes"] // 2,
-                                    peak_device_bytes=d["measured"]["peak_device_bytes"] // 2), "cannot calibrate"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        # a negative idle baseline used to fit a driver reservation of -931 GiB, after which 70B "fit" in 24 GB
+        (lambda d: d["measured"].update(nvml_used_baseline_bytes=-(10**12)), "nvml_used_baseline_bytes"),
+        # NVML's peak below torch's reserved peak: the figures contradict each other
+        (
+            lambda d: d["measured"].update(peak_device_bytes=d["measured"]["peak_reserved_bytes"] // 2),
+            "peak_reserved_bytes",
+        ),
+        # a record the formulas do not describe (allocated peak halved) must not bend the fitted constants
+        (
+            lambda d: d["measured"].update(
+                peak_allocated_bytes=d["measured"]["peak_allocated_bytes"] // 2,
+                peak_reserved_bytes=d["measured"]["peak_reserved_bytes"] // 2,
+                peak_device_bytes=d["measured"]["peak_device_bytes"] // 2,
+            ),
+            "cannot calibrate",
+        ),
+    ],
+)
 def test_calibrate_refuses_contradictory_records(tmp_path, change, needle):
     from qlora_bench.calibration import calibrate
     from qlora_bench.errors import InputError
