@@ -81,6 +81,9 @@ class ModelSpec:
     defaulted: tuple = ()  # (field, value): size fields config.json left out, taken from transformers' defaults
     hf_id: str | None = None
     note: str | None = None
+    # how a config outside the modelled families was read (generic Llama-like decoder, or a multimodal config's
+    # language model): estimate() prints it with every plan
+    planned_as: str | None = None
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- structure -------------------------------------------------------------------------------
@@ -261,12 +264,24 @@ class ConfigFields:
 MAX_TOTAL_PARAMS = 20 * 10**12
 
 
+# A decoder outside the modelled families is planned as a Llama-like one when its config.json has these fields (the
+# ones every transformers decoder config names the same way); what it has beyond them is not counted.
+GENERIC_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# config keys that mean experts (Qwen-MoE, DeepSeek, gpt-oss, GLM, Granite-MoE, Llama-4 spell them differently):
+# a dense Llama-like plan of such a model would miss most of its weights, so it is refused instead
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
+
+
 def model_from_config(cfg: dict, name: str, where: str, **meta) -> ModelSpec:
-    """Build a ModelSpec from config.json fields, with transformers' defaults for the fields it leaves out."""
+    """Build a ModelSpec from config.json fields, with transformers' defaults for the fields it leaves out. A
+    multimodal config plans its language model (`text_config`); another decoder with the standard fields is
+    planned as a Llama-like one (the spec's `planned_as` says so)."""
     if not isinstance(cfg, dict):
         raise InputError(f"{where}: expected a JSON object of config.json fields, found {type_name(cfg)}")
     mt = cfg.get("model_type")
-    if not isinstance(mt, str) or mt not in CONFIG_DEFAULTS:
+    if isinstance(mt, str) and mt.strip() and mt not in CONFIG_DEFAULTS:
+        return _outside_families(cfg, mt, name, where, **meta)
+    if not isinstance(mt, str):
         raise InputError(f"{where}: field 'model_type' is {shown(mt)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     defaults = CONFIG_DEFAULTS[mt]
     given = {
@@ -308,6 +323,47 @@ def model_from_config(cfg: dict, name: str, where: str, **meta) -> ModelSpec:
             "vocab_size)"
         )
     return spec
+
+
+def _outside_families(cfg: dict, mt: str, name: str, where: str, **meta) -> ModelSpec:
+    text = cfg.get("text_config")
+    if isinstance(text, dict):  # a vision-language (or audio) model: the language model is what LoRA trains
+        top = {k: cfg[k] for k in ("tie_word_embeddings",) if k in cfg}  # some models set it at the top level
+        inner = {**top, **text}
+        inner.setdefault("model_type", f"{mt}_text")
+        spec = model_from_config(inner, name, f"{where}: text_config", **meta)
+        said = (
+            f"{mt}: planned its language model only (text_config); the vision / audio tower and projector are not "
+            "counted (frozen, they add their weights in the base dtype)"
+        )
+        return dataclasses.replace(
+            spec, planned_as=said + (f". {spec.planned_as}" if spec.planned_as else ""), config=cfg
+        )
+    experts = [k for k in MOE_KEYS if isinstance(cfg.get(k), int) and cfg.get(k) > 1]
+    if experts:
+        raise InputError(
+            f"{where}: model_type {shown(mt)} is a mixture of experts ({experts[0]} {cfg[experts[0]]}); qlora-bench "
+            f"plans MoE models of the families it models ({', '.join(SUPPORTED_MODEL_TYPES)}) and dense decoders of "
+            "any other: `qlora-bench plan --trace` runs the real model (train extra)"
+        )
+    missing = [k for k in GENERIC_FIELDS if k not in cfg]
+    if missing:
+        raise InputError(
+            f"{where}: model_type {shown(mt)} is not a family qlora-bench models ({', '.join(SUPPORTED_MODEL_TYPES)}) "
+            f"and its config lacks {', '.join(missing)} to plan it as a Llama-like decoder"
+        )
+    generic = {k: cfg[k] for k in CONFIG_DEFAULTS["llama"] if k in cfg}
+    spec = model_from_config({**generic, "model_type": "llama"}, name, where, **meta)
+    return dataclasses.replace(
+        spec,
+        planned_as=f"model_type {mt!r} is not a family qlora-bench models exactly: planned as a Llama-like decoder "
+        "from config.json's standard fields (q/k/v/o and gate/up/down projections, RMSNorm, rotary attention); "
+        "what it has beyond them (q/k norms, sliding or linear attention, extra projections) is not counted"
+        + ("" if "tie_word_embeddings" in cfg else "; tie_word_embeddings is not set: planned with a separate lm_head")
+        + ". `qlora-bench plan --trace` runs the real model (train extra)",
+        defaulted=(),
+        config=cfg,
+    )
 
 
 # ---- model resolution ------------------------------------------------------------------------------

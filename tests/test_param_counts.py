@@ -59,3 +59,28 @@ def test_lora_params_equal_peft(name, targets):
     # and the published 8B figure: r * (9h + 2*n_kv*d + 3i) per layer
     if name == "llama-3.1-8b":
         assert trainable == 16 * (9 * 4096 + 2 * 1024 + 3 * 14336) * 32 == 41_943_040
+
+
+# Qwen3-8B's published config.json fields (Qwen/Qwen3-8B): a family qlora-bench does not model exactly
+QWEN3_8B = {
+    "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+    "tie_word_embeddings": False, "max_position_embeddings": 40960,
+}
+
+
+def test_a_decoder_outside_the_families_is_planned_as_llama_like_and_says_what_it_misses():
+    """Qwen3 planned generically: every weight transformers builds is counted except what the note names (q/k
+    norms: 2 x head_dim per layer)."""
+    from qlora_bench.profiles import model_from_config
+
+    spec = model_from_config(QWEN3_8B, "qwen3-8b", "test")
+    assert spec.model_type == "llama" and "not a family" in spec.planned_as and "q/k norms" in spec.planned_as
+    model = _meta_model(spec)  # built from the real config: a Qwen3ForCausalLM
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    qk_norms = QWEN3_8B["num_hidden_layers"] * 2 * QWEN3_8B["head_dim"]
+    assert spec.total_params == sum(p.numel() for p in model.parameters()) - qk_norms
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert adapter_params(spec, Settings(method="lora")) == trainable

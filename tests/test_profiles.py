@@ -1,5 +1,6 @@
 """Every profile loads and validates; names and aliases are unambiguous."""
 
+import re
 from collections import Counter
 
 import pytest
@@ -96,3 +97,31 @@ def test_config_fields_the_planner_accepts_build_in_transformers():
             **{k: v for k, v in cfg.items() if k != "model_type"})
         assert spec.num_kv_heads == c.num_key_value_heads
         assert spec.head_dim == (c.head_dim or c.hidden_size // c.num_attention_heads)  # as the attention does
+
+
+def test_multimodal_config_plans_its_language_model():
+    from qlora_bench.profiles import model_from_config
+
+    cfg = {"model_type": "gemma3", "vision_config": {"hidden_size": 1152},
+           "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                           "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+                           "head_dim": 256, "vocab_size": 262208}}
+    spec = model_from_config(cfg, "gemma-3-4b", "test")
+    assert (spec.num_layers, spec.hidden_size, spec.head_dim) == (34, 2560, 256)
+    assert "language model only (text_config)" in spec.planned_as and "separate lm_head" in spec.planned_as
+    assert spec.config is cfg
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    ({"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+      "num_attention_heads": 32, "vocab_size": 151936, "num_experts": 128, "num_experts_per_tok": 8},
+     "mixture of experts (num_experts 128)"),
+    ({"model_type": "mamba", "hidden_size": 768}, "lacks intermediate_size, num_hidden_layers"),
+    ({"model_type": 7}, "field 'model_type' is 7"),
+])
+def test_configs_that_cannot_be_planned_generically_are_refused_in_one_line(cfg, needle):
+    from qlora_bench.errors import InputError
+    from qlora_bench.profiles import model_from_config
+
+    with pytest.raises(InputError, match=re.escape(needle)):
+        model_from_config(cfg, "x", "test")

@@ -146,7 +146,7 @@ def trainable_tensors(model: ModelSpec, s: Settings) -> list[Trainable]:
 
 
 def _notes(model: ModelSpec, s: Settings, w: WeightBytes) -> list[str]:
-    notes = []
+    notes = [model.planned_as] if model.planned_as else []
     if s.method == "qlora" and model.is_moe:
         notes.append(
             "transformers 5.x stores MoE experts as fused parameters that bitsandbytes does not quantize: they "
