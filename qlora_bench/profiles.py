@@ -281,7 +281,7 @@ def model_from_config(cfg: dict, name: str, where: str, **meta) -> ModelSpec:
     mt = cfg.get("model_type")
     if isinstance(mt, str) and mt.strip() and mt not in CONFIG_DEFAULTS:
         return _outside_families(cfg, mt, name, where, **meta)
-    if not isinstance(mt, str):
+    if not isinstance(mt, str) or mt not in CONFIG_DEFAULTS:  # not a string, or empty
         raise InputError(f"{where}: field 'model_type' is {shown(mt)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     defaults = CONFIG_DEFAULTS[mt]
     given = {

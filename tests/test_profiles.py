@@ -118,6 +118,8 @@ def test_multimodal_config_plans_its_language_model():
      "mixture of experts (num_experts 128)"),
     ({"model_type": "mamba", "hidden_size": 768}, "lacks intermediate_size, num_hidden_layers"),
     ({"model_type": 7}, "field 'model_type' is 7"),
+    ({"model_type": "", "hidden_size": 4096}, "field 'model_type' is ''"),  # the fuzz tests found this one
+    ({"model_type": "  ", "hidden_size": 4096}, "field 'model_type' is '  '"),
 ])
 def test_configs_that_cannot_be_planned_generically_are_refused_in_one_line(cfg, needle):
     from qlora_bench.errors import InputError
