@@ -150,6 +150,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from .profiles import resolve_gpu, resolve_model
 
     _use_calibration(a)
+    _read_trainer_config(a)
     model = resolve_model(a.model)
     many = _gpu_list(a.gpu)
     if many is not None:
@@ -172,6 +173,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     ]
     if a.json:
         out = [p.to_dict() for p in plans]
+        if a.trainer_config:
+            out = [{**d, "trainer_config": a.trainer_config.to_dict()} for d in out]
         print(_json(out if a.method == "all" else out[0]))
         return 0
     from . import render
@@ -181,6 +184,45 @@ def cmd_plan(a: argparse.Namespace) -> int:
     else:
         render.plan(plans[0])
     return 0
+
+
+def _read_trainer_config(a: argparse.Namespace) -> None:
+    """--config FILE: the trainer config's settings into `a`, except those the command line gives (flags win)."""
+    if not a.config:
+        if a.model is None:
+            raise InputError("plan needs --model (a profile, config.json or hub id) or --config (a trainer's config)")
+        return
+    from . import render
+    from .profiles import model_for_trainer
+    from .trainer_config import read
+
+    tc = read(a.config)
+    given = a.given_flags
+    tc.settings(Settings(), given)  # the file's values checked, in the file's words, before any flag joins them
+    for k, v in tc.values.items():
+        if k not in given:
+            setattr(a, k, v)
+    if a.model:
+        note = f"--model {a.model} (the command line; the file names {tc.model or 'none'})"
+    elif tc.model:
+        a.model, note = model_for_trainer(tc.model)
+    else:
+        raise InputError(
+            f"{a.config}: names no base model ({TRAINER_MODEL_KEYS[tc.tool]}); give --model (a profile, "
+            "config.json or hub id)"
+        )
+    a.trainer_config = tc
+    if not a.json:
+        render.trainer_config(tc, note, {k: getattr(a, k) for k in given & set(tc.values)})
+
+
+# the key that names the base model, per trainer (for the message when a file has none)
+TRAINER_MODEL_KEYS = {
+    "axolotl": "base_model",
+    "trl": "model_name_or_path",
+    "llama-factory": "model_name_or_path",
+    "transformers": "a TrainingArguments file never does",
+}
 
 
 def _gpu_list(text: str):
@@ -753,12 +795,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="feasibility verdict with a memory breakdown",
         description="Estimate peak GPU memory for a fine-tuning configuration and say whether it fits.",
     )
-    sp.add_argument("--model", required=True, help=MODEL_HELP)
+    sp.add_argument("--model", help=MODEL_HELP + " (required unless --config names one)")
     sp.add_argument(
         "--gpu",
         required=True,
         help="GPU profile (h100, rtx-4090), size (48gb, 24GiB, 2x24gb), or `all` / a comma list (h100,a100,"
         "rtx-4090) to rank cards by cost for the epoch",
+    )
+    sp.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a trainer's config file: Axolotl YAML, TRL `trl sft --config` YAML, LLaMA-Factory YAML, or a "
+        "transformers TrainingArguments JSON; its settings replace the defaults, flags given here win",
     )
     add_settings_args(sp)
     sp.add_argument(
@@ -1021,9 +1069,23 @@ def build_parser() -> argparse.ArgumentParser:
 INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): a bug in qlora-bench, not bad input
 
 
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags `argv` gives for the `plan` subcommand (parsed again into a namespace that
+    already has every destination, so argparse fills in no defaults: what changed was given)."""
+    unset = object()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["plan"]
+    ns = argparse.Namespace(**{a.dest: unset for a in sub._actions if a.dest != "help"})
+    sub.parse_known_args(argv[argv.index("plan") + 1 :], ns)
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.func is cmd_plan:
+        args.given_flags = _given_flags(parser, argv) if args.config else set()
+        args.trainer_config = None
     try:
         return args.func(args)
     except InputError as e:

@@ -420,6 +420,33 @@ def load_model_profile(name: str) -> ModelSpec:
     return model_from_config(p.config, name, p.path, source=p.source, hf_id=p.hf_id, note=p.note)
 
 
+# Hub repositories that hold the same architecture as a profile's: chat / instruction tunes, mirrors and
+# pre-quantized uploads keep the base model's config (only weights differ). Stripped before matching.
+_VARIANT_SUFFIXES = re.compile(r"(-(instruct|it|chat|hf|base|bnb-4bit|unsloth-bnb-4bit|4bit|2507|fp8))+$")
+
+
+def _repo_key(repo: str) -> str:
+    """'NousResearch/Meta-Llama-3.1-8B-Instruct' -> 'llama-3.1-8b': the name part, without the owner, a 'Meta-'
+    prefix and variant suffixes, lower-cased."""
+    name = repo.strip().rsplit("/", 1)[-1].lower()
+    return _VARIANT_SUFFIXES.sub("", name.removeprefix("meta-"))
+
+
+def model_for_trainer(ref: str) -> tuple[str, str]:
+    """The --model argument for a base model as a trainer's config names it, and a note saying how it was
+    resolved: a profile (by name, alias or hub id, or as a variant of a profile's hub repository: offline), else
+    the reference itself (a local path, or a hub id fetched from the hub)."""
+    if profile_name(ref):
+        return ref, f"base model {ref} -> profile {profile_name(ref)}"
+    if _HUB_ID.fullmatch(ref.strip()) and not os.path.lexists(ref):
+        key = _repo_key(ref)
+        for name, p in _model_profiles().items():
+            if (p.hf_id and _repo_key(p.hf_id) == key) or key in (name, *p.aliases):
+                # instruction-tuned, mirrored and pre-quantized repositories keep their base model's config
+                return name, f"base model {ref} -> profile {name} (the architecture of {p.hf_id or name})"
+    return ref, f"base model {ref}"
+
+
 def _read_config_file(path: Path) -> ModelSpec:
     if file_kind(path) == "a folder":
         if file_kind(path / "config.json") == "missing":

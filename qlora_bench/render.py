@@ -58,6 +58,32 @@ def note(text: str) -> None:
     console.print(f"[dim]{text}[/dim]")
 
 
+def trainer_config(tc, model_note: str, overridden: dict) -> None:
+    """What `plan --config` read from a trainer's file: each setting with the key (or default) it came from, what
+    the plan does not model, and every key it did not use."""
+    from rich.markup import escape
+
+    from .trainer_config import TOOL_NAMES
+
+    console.print(f"[bold]{escape(tc.path)}[/bold]: {TOOL_NAMES[tc.tool]} config; {escape(model_note)}")
+    t = table(None, "setting", "value", "from")
+    for k, v in tc.values.items():
+        src = "the command line" if k in overridden else tc.read_from[k]
+        t.add_row(k.replace("_", " "), _setting(overridden.get(k, v)), escape(src))
+    console.print(t)
+    for n in tc.not_modelled:
+        console.print(f"[yellow]not modelled[/yellow]: {escape(n)}")
+    if tc.no_effect:
+        console.print(f"[dim]not used (no effect on memory or speed): {escape(', '.join(tc.no_effect))}[/dim]")
+    if tc.unknown:
+        console.print(f"not used (keys qlora-bench does not know): {escape(', '.join(tc.unknown))}")
+    console.print()
+
+
+def _setting(v) -> str:
+    return {True: "on", False: "off"}.get(v, str(v)) if isinstance(v, bool) else str(v)
+
+
 def _title(p: Plan) -> str:
     e, s = p.estimate, p.estimate.settings
     return f"{e.model.name} · {s.describe()} · on {p.gpu.label}"
