@@ -533,6 +533,10 @@ def read_trl(data: dict, where: str) -> TrainerConfig:
         _quant_4bit(r, "bnb_4bit_quant_type", "use_bnb_nested_quant", TRL_DEFAULTS)
         if r.values["method"] == "qlora":
             r.default("upcast_non_quantized", TRL_DEFAULTS)
+            r.not_modelled.append(
+                "QLoRA adapters in bf16 (SFTTrainer casts them; planned in fp32 as peft makes them: adapters, "
+                "their gradients and optimizer states are slightly overestimated)"
+            )
         for key, what in (
             ("lora_modules_to_save", "full trainable copies of these modules, with gradients and optimizer states"),
             ("use_dora", "DoRA's magnitude vectors and the weight norms it computes each step"),
@@ -1112,7 +1116,8 @@ AXOLOTL_NO_EFFECT = {
 # gradient checkpointing on and bf16 on (unless fp16) and cuts sequences at max_length=1024; ModelConfig's LoRA
 # defaults r=16, alpha=32, dropout=0.05, no target modules (peft then takes its per-architecture default, q_proj
 # and v_proj for the Llama-like families), nf4 without nested (double) quantization. TrainingArguments' own
-# defaults for the rest.
+# defaults for the rest. SFTTrainer (trl/trainer/sft_trainer.py, __init__) calls get_peft_model without peft's
+# prepare_model_for_kbit_training, and casts a quantized model's trainable (adapter) parameters to bf16.
 TRL_DEFAULTS = {
     **TRANSFORMERS_DEFAULTS,
     "gradient_checkpointing": (True, "SFTConfig.gradient_checkpointing = True"),
@@ -1124,7 +1129,11 @@ TRL_DEFAULTS = {
     "targets": ("q_proj,v_proj", "lora_target_modules unset, peft's default for Llama-like models"),
     "quant": ("nf4", "ModelConfig.bnb_4bit_quant_type = nf4"),
     "double_quant": (False, "ModelConfig.use_bnb_nested_quant = False"),
-    "upcast_non_quantized": (True, "SFTTrainer calls peft's prepare_model_for_kbit_training on a 4-bit model"),
+    "upcast_non_quantized": (
+        False,
+        "SFTTrainer wraps the 4-bit model with get_peft_model only (no "
+        "prepare_model_for_kbit_training): embeddings, norms and lm_head stay 16-bit",
+    ),
 }
 
 # LLaMA-Factory (src/llamafactory/hparams/): finetuning_type=lora, lora_rank=8, lora_alpha=None (2 x rank),
@@ -1149,7 +1158,10 @@ LLAMA_FACTORY_DEFAULTS = {
 # Axolotl (src/axolotl/utils/schemas/config.py AxolotlInputConfig, utils/config normalize_config): sequence_len=512,
 # micro_batch_size=1, gradient_accumulation_steps=1, gradient checkpointing off, optimizer adamw_torch_fused,
 # lora_dropout=0, transformers' default attention (sdpa); without bf16 or fp16 the model loads in float32. For QLoRA
-# it builds BitsAndBytesConfig(nf4, double quantization) and calls peft's prepare_model_for_kbit_training.
+# it builds BitsAndBytesConfig(nf4, double quantization) and calls peft's prepare_model_for_kbit_training, then
+# (src/axolotl/loaders/model.py, ModelLoader._configure_embedding_dtypes: `needs_fa2_dtype = True` for any adapter,
+# without FSDP) converts the norms and the embedding modules (embed_tokens, lm_head) back to cfg.torch_dtype: they
+# train 16-bit, unlike peft's fp32 upcast.
 AXOLOTL_DEFAULTS = {
     "seq": (512, "sequence_len = 512"),
     "batch": (1, "micro_batch_size = 1"),
@@ -1162,5 +1174,8 @@ AXOLOTL_DEFAULTS = {
     "compute_dtype": ("fp32", "the model loads in float32"),
     "quant": ("nf4", "bnb_4bit_quant_type = nf4"),
     "double_quant": (True, "bnb_4bit_use_double_quant = True"),
-    "upcast_non_quantized": (True, "Axolotl calls peft's prepare_model_for_kbit_training for QLoRA"),
+    "upcast_non_quantized": (
+        False,
+        "Axolotl casts norms and embeddings back to the compute dtype after peft's upcast, for adapters",
+    ),
 }
