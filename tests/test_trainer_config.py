@@ -280,3 +280,15 @@ def test_any_mapping_of_known_keys_reads_or_is_refused_in_one_line():
             assert "\n" not in str(e)
 
     check()
+
+
+def test_odd_files_are_named_not_read(tmp_path, capsys):
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, needle in (("folder.yaml", "found a folder"), ("empty.yaml", "found null"),
+                         ("binary.yaml", "UTF-16"), ("list.json", "found a list")):
+        assert main(["plan", "--config", str(tmp_path / name), "--gpu", "24gb"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, (name, err)
