@@ -198,6 +198,9 @@ def _read_trainer_config(a: argparse.Namespace) -> None:
 
     tc = read(a.config)
     given = a.given_flags
+    for fld, message in tc.missing.items():
+        if fld not in given:
+            raise InputError(message)
     tc.settings(Settings(), given)  # the file's values checked, in the file's words, before any flag joins them
     for k, v in tc.values.items():
         if k not in given:

@@ -42,21 +42,21 @@ class TrainerConfig:
     no_effect: list[str] = field(default_factory=list)  # keys that change neither memory nor speed
     unknown: list[str] = field(default_factory=list)  # keys this reader does not know
 
+    # Settings fields the file leaves open (TRL's `max_length: null`: no truncation) -> what to give instead
+    missing: dict = field(default_factory=dict)
+
     def settings(self, base: Settings, overrides: set[str] = frozenset()) -> Settings:
         """`base` (the command line's settings) with the file's values, except the fields in `overrides` (flags
-        given on the command line win over the file)."""
+        given on the command line win over the file); a value out of range is named by the key it came from."""
         changes = {k: v for k, v in self.values.items() if k in Settings.__dataclass_fields__ and k not in overrides}
+        for k, v in changes.items():
+            src = self.read_from[k]
+            key = src.split(":")[0]
+            where = (
+                f"{self.path}: {src}" if key in ("default", "trainer") or "," in src else f"{self.path}: key '{key}'"
+            )
+            base.with_(**{k: v}).validated(where)
         return base.with_(**changes).validated(self.path)
-
-    def notes(self) -> list[str]:
-        """One line each: what was read, what is not modelled, what was not used."""
-        out = [f"{self.path}: read as {TOOL_NAMES[self.tool]} config"]
-        out += [f"{self.path}: not modelled: {n}" for n in self.not_modelled]
-        if self.no_effect:
-            out.append(f"{self.path}: not used (no effect on memory or speed): {', '.join(self.no_effect)}")
-        if self.unknown:
-            out.append(f"{self.path}: not used (unknown keys): {', '.join(self.unknown)}")
-        return out
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +68,7 @@ class TrainerConfig:
             "not_modelled": self.not_modelled,
             "no_effect": self.no_effect,
             "unknown": self.unknown,
+            "missing": self.missing,
         }
 
 
@@ -156,6 +157,8 @@ class _Reading:
         self.read_from: dict = {}
         self.not_modelled: list[str] = []
         self.no_effect: list[str] = []
+        self.unknown: list[str] = []
+        self.missing: dict = {}
 
     def set(self, field_name: str, value, why: str) -> None:
         self.values[field_name] = value
@@ -192,7 +195,8 @@ class _Reading:
             read_from=self.read_from,
             not_modelled=self.not_modelled,
             no_effect=self.no_effect + [k for k in rest if k in known],
-            unknown=[k for k in rest if k not in known],
+            unknown=self.unknown + [k for k in rest if k not in known],
+            missing=self.missing,
         )
 
 
@@ -548,10 +552,16 @@ def read_trl(data: dict, where: str) -> TrainerConfig:
         r.ignore(
             "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "bnb_4bit_quant_type", "use_bnb_nested_quant"
         )
-    length_key = "max_length" if k.has("max_length") else "max_seq_length"
+    length_key = "max_length" if "max_length" in data else "max_seq_length"
     n = k.get(length_key, "int")
     if n is not None:
         r.from_key("seq", length_key, n)
+    elif length_key in data:  # written as null: SFTConfig then truncates nothing
+        r.default("seq", TRL_DEFAULTS)
+        r.missing["seq"] = (
+            f"{where}: key '{length_key}' is null (no truncation: sequences are as long as the longest example); "
+            "give --seq with that length"
+        )
     else:
         r.default("seq", TRL_DEFAULTS)
     for key, what in (
@@ -728,6 +738,15 @@ def read_axolotl(data: dict, where: str) -> TrainerConfig:
                 )
             sub = _Keys(bnb, f"{where}: bnb_config_kwargs")
             _quant_4bit(_SubReading(r, sub), "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", AXOLOTL_DEFAULTS)
+            for key in sub.rest():  # the storage dtype does not change the packed bytes; the rest is int8's
+                known = key in (
+                    "bnb_4bit_quant_storage",
+                    "bnb_4bit_compute_dtype",
+                    "llm_int8_threshold",
+                    "llm_int8_has_fp16_weight",
+                    "load_in_4bit",
+                )
+                (r.no_effect if known else r.unknown).append(f"bnb_config_kwargs.{key}")
             r.default("upcast_non_quantized", AXOLOTL_DEFAULTS)
         for key, what in (
             ("lora_modules_to_save", "full trainable copies of these modules, with gradients and optimizer states"),

@@ -212,7 +212,9 @@ def test_human_output_lists_what_was_read_and_what_was_not(capsys):
         ("foo: 1\nbar: 2\n", "not a trainer config qlora-bench knows"),
         ("base_model: x\nadapter: ia3\n", "key 'adapter' is 'ia3'"),
         ("base_model: x\nadapter: lora\nlora_r: sixteen\n", "key 'lora_r' is 'sixteen'; expected a whole number"),
-        ("base_model: x\nadapter: lora\nlora_r: 0\n", "rank"),
+        ("base_model: x\nadapter: lora\nlora_r: 0\n", "key 'lora_r': field 'rank' is 0"),
+        ("base_model: x\nadapter: lora\nlora_dropout: .inf\n", "key 'lora_dropout'"),
+        ("model_name_or_path: x\nmax_length: null\n", "key 'max_length' is null (no truncation"),
         ("base_model: x\nmicro_batch_size: -1\n", "batch"),
         (
             "model_name_or_path: x\nbnb_4bit_quant_type: int4\nload_in_4bit: true\nuse_peft: true\n",
@@ -292,3 +294,20 @@ def test_odd_files_are_named_not_read(tmp_path, capsys):
         assert main(["plan", "--config", str(tmp_path / name), "--gpu", "24gb"]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, (name, err)
+
+
+def test_nested_bitsandbytes_keys_are_accounted_for(tmp_path):
+    f = tmp_path / "a.yml"
+    f.write_text("base_model: x\nadapter: qlora\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"
+                 "  bnb_4bit_quant_storage: bfloat16\n  made_up: 1\n")
+    tc = read(f)
+    assert tc.values["quant"] == "fp4"
+    assert "bnb_config_kwargs.bnb_4bit_quant_storage" in tc.no_effect
+    assert tc.unknown == ["bnb_config_kwargs.made_up"]
+
+
+def test_a_null_max_length_plans_with_the_seq_flag(capsys, tmp_path):
+    f = tmp_path / "sft.yaml"
+    f.write_text("model_name_or_path: meta-llama/Llama-3.1-8B\nmax_length: null\nuse_peft: true\n")
+    p = _plan_json(capsys, "--config", str(f), "--gpu", "80gb", "--seq", "4k")
+    assert p["settings"]["seq"] == 4096
