@@ -146,6 +146,20 @@ def parse_json(text: str, where: str) -> object:
         raise InputError(f"{where}: not usable JSON ({reason})") from None
 
 
+def parse_yaml(text: str, where: str) -> object:
+    """One YAML document (PyYAML's safe loader); an InputError naming `where` and the problem otherwise."""
+    try:
+        import yaml
+    except ImportError:
+        raise InputError(f"{where}: reading YAML needs PyYAML: pip install pyyaml") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{where}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    except RecursionError:
+        raise InputError(f"{where}: not usable YAML (nested too deeply)") from None
+
+
 def read_json(path: str | Path, what: str = "JSON file") -> object:
     """A JSON file's content, or an InputError naming the file and where it is malformed."""
     return parse_json(read_text(path, what), str(path))

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, parse_json, read_text, shown, type_name
+from .errors import InputError, parse_json, parse_yaml, read_text, shown, type_name
 from .settings import OPTIMIZERS, Settings
 
 TOOLS = ("axolotl", "trl", "llama-factory", "transformers")
@@ -79,16 +79,7 @@ def load_file(path: str | Path) -> dict:
     if str(path).lower().endswith(".json"):
         data = parse_json(text, str(path))
     else:
-        try:
-            import yaml
-        except ImportError:
-            raise InputError(f"{path}: reading YAML needs PyYAML: pip install pyyaml") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
-        except RecursionError:
-            raise InputError(f"{path}: not usable YAML (nested too deeply)") from None
+        data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of trainer settings (key: value lines), found {type_name(data)}")
     bad = [k for k in data if not isinstance(k, str)]
@@ -468,8 +459,15 @@ def _distributed(r: _Reading) -> None:
             )
 
 
-def _lora(r: _Reading, rank_key: str, alpha_key: str, dropout_key: str, defaults: dict) -> None:
+def _lora(r: _Reading, keys: tuple[str, str, str, str], defaults: dict) -> None:
+    """rank, alpha, dropout and target modules from their keys in this trainer's words, else its defaults."""
+    rank_key, alpha_key, dropout_key, target_key = keys
     k = r.keys
+    targets = k.get(target_key, "str-or-list")
+    if targets:
+        r.from_key("targets", target_key, _targets(targets))
+    else:
+        r.default("targets", defaults)
     for key, fld, kind in (
         (rank_key, "rank", "int"),
         (alpha_key, "alpha", "number"),
@@ -528,12 +526,7 @@ def read_trl(data: dict, where: str) -> TrainerConfig:
             "LLM.int8 base weights are not modelled; planned as 16-bit LoRA, about twice the base weights' memory",
         )
     if r.values["method"] != "full":
-        _lora(r, "lora_r", "lora_alpha", "lora_dropout", TRL_DEFAULTS)
-        tm = k.get("lora_target_modules", "str-or-list")
-        if tm:
-            r.from_key("targets", "lora_target_modules", _targets(tm))
-        else:
-            r.default("targets", TRL_DEFAULTS)
+        _lora(r, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), TRL_DEFAULTS)
         _quant_4bit(r, "bnb_4bit_quant_type", "use_bnb_nested_quant", TRL_DEFAULTS)
         if r.values["method"] == "qlora":
             r.default("upcast_non_quantized", TRL_DEFAULTS)
@@ -626,20 +619,13 @@ def read_llama_factory(data: dict, where: str) -> TrainerConfig:
                 r.not_modelled.append(
                     f"quantization_bit ({bits}-bit {qmethod} base weights are not modelled; planned as 16-bit LoRA)"
                 )
-            elif qmethod != "bnb":
-                pass
     else:
         raise InputError(
             f"{where}: key 'finetuning_type' is {shown(ft)}; qlora-bench plans lora (with "
             "quantization_bit: 4 for QLoRA) and full; freeze and oft are not modelled"
         )
     if r.values["method"] != "full":
-        _lora(r, "lora_rank", "lora_alpha", "lora_dropout", LLAMA_FACTORY_DEFAULTS)
-        tgt = k.get("lora_target", "str-or-list")
-        if tgt:
-            r.from_key("targets", "lora_target", _targets(tgt))
-        else:
-            r.default("targets", LLAMA_FACTORY_DEFAULTS)
+        _lora(r, ("lora_rank", "lora_alpha", "lora_dropout", "lora_target"), LLAMA_FACTORY_DEFAULTS)
         if r.values["method"] == "qlora":
             _quant_4bit(r, "quantization_type", "double_quantization", LLAMA_FACTORY_DEFAULTS)
             r.default("upcast_non_quantized", LLAMA_FACTORY_DEFAULTS)
@@ -651,6 +637,8 @@ def read_llama_factory(data: dict, where: str) -> TrainerConfig:
             if k.raw(key):
                 r.not_modelled.append(f"{key} ({what})")
         r.ignore("use_rslora", "create_new_adapter", "adapter_name_or_path", "loraplus_lr_ratio")
+    if r.values["method"] == "full":  # adapter settings of a run that trains no adapters
+        r.ignore(*LORA_KEYS)
     n = k.get("cutoff_len", "int")
     if n is not None:
         r.from_key("seq", "cutoff_len", n)
@@ -721,14 +709,9 @@ def read_axolotl(data: dict, where: str) -> TrainerConfig:
             "adapter: full fine-tuning)"
         )
     if r.values["method"] != "full":
-        _lora(r, "lora_r", "lora_alpha", "lora_dropout", AXOLOTL_DEFAULTS)
-        if k.get("lora_target_linear", "bool"):
+        _lora(r, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), AXOLOTL_DEFAULTS)
+        if k.get("lora_target_linear", "bool"):  # all linear layers, whatever lora_target_modules says
             r.from_key("targets", "lora_target_linear", "all-linear")
-            k.raw("lora_target_modules")
-        elif k.has("lora_target_modules"):
-            r.from_key("targets", "lora_target_modules", _targets(k.get("lora_target_modules", "str-or-list")))
-        else:
-            r.default("targets", AXOLOTL_DEFAULTS)
         if r.values["method"] == "qlora":
             bnb = k.raw("bnb_config_kwargs") or {}
             if not isinstance(bnb, dict):
@@ -755,6 +738,8 @@ def read_axolotl(data: dict, where: str) -> TrainerConfig:
             if k.raw(key):
                 r.not_modelled.append(f"{key} ({what})")
         r.ignore("lora_fan_in_fan_out", "peft_use_rslora", "lora_model_dir")
+    if r.values["method"] == "full":  # adapter settings of a run that trains no adapters
+        r.ignore(*LORA_KEYS)
     n = k.get("sequence_len", "int")
     if n is not None:
         r.from_key("seq", "sequence_len", n)
@@ -841,6 +826,28 @@ class _SubReading(_Reading):
     def __init__(self, parent: _Reading, keys: _Keys):
         self.__dict__.update(parent.__dict__)
         self.keys = keys
+
+
+# the adapter keys of the three trainers: no effect in a run without adapters
+LORA_KEYS = (
+    "lora_r",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target",
+    "lora_target_modules",
+    "lora_target_linear",
+    "lora_modules_to_save",
+    "additional_target",
+    "use_dora",
+    "peft_use_dora",
+    "use_rslora",
+    "peft_use_rslora",
+    "quantization_type",
+    "double_quantization",
+    "bnb_config_kwargs",
+    "lora_model_dir",
+)
 
 
 # ---- which trainer ---------------------------------------------------------------------------------------------

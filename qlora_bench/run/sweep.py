@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import flags
-from ..errors import InputError, file_kind, read_text, shown
+from ..errors import InputError, file_kind, parse_yaml, read_text, shown
 from ..results import SCHEMA_VERSION, append_record, load_records
 from ..schema import load, rule
 from ..settings import DEFAULT_OPTIMIZER, Settings
@@ -137,17 +137,7 @@ def from_mapping(data: object, where: str) -> Sweep:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    try:
-        import yaml
-    except ImportError:
-        raise InputError("sweep files need PyYAML: pip install 'qlora-bench[train]'") from None
-    text = read_text(path, "sweep file")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
-    except RecursionError:
-        raise InputError(f"{path}: not usable YAML (nested too deeply)") from None
+    data = parse_yaml(read_text(path, "sweep file"), str(path))
     return from_mapping(data, str(path))
 
 
