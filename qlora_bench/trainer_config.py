@@ -1181,11 +1181,11 @@ LLAMA_FACTORY_DEFAULTS = {
     "upcast_non_quantized": (False, "LLaMA-Factory does not call peft's prepare_model_for_kbit_training"),
 }
 
-# Axolotl (src/axolotl/utils/schemas/config.py AxolotlInputConfig, utils/config normalize_config): sequence_len=512,
-# micro_batch_size=1, gradient_accumulation_steps=1, gradient checkpointing off, optimizer adamw_torch_fused,
-# lora_dropout=0, transformers' default attention (sdpa); without bf16 or fp16 the model loads in float32. For QLoRA
-# it builds BitsAndBytesConfig(nf4, double quantization) and calls peft's prepare_model_for_kbit_training, then
-# (src/axolotl/loaders/model.py, ModelLoader._configure_embedding_dtypes: `needs_fa2_dtype = True` for any adapter,
+# Axolotl (src/axolotl/utils/schemas/config.py AxolotlInputConfig, read this session: sequence_len=512, gradient
+# checkpointing off, bf16="auto"); not read in source yet: micro_batch_size=1, gradient_accumulation_steps=1,
+# optimizer adamw_torch_fused, lora_dropout=0, transformers' default attention (sdpa) when no attention key is set.
+# For QLoRA it builds BitsAndBytesConfig(nf4, double quantization) and calls peft's prepare_model_for_kbit_training,
+# then (src/axolotl/loaders/model.py, ModelLoader._configure_embedding_dtypes: `needs_fa2_dtype = True` for any adapter,
 # without FSDP) converts the norms and the embedding modules (embed_tokens, lm_head) back to cfg.torch_dtype: they
 # train 16-bit, unlike peft's fp32 upcast.
 AXOLOTL_DEFAULTS = {
@@ -1197,7 +1197,7 @@ AXOLOTL_DEFAULTS = {
     "dropout": (0.0, "lora_dropout = 0"),
     "targets": ("q_proj,v_proj", "lora_target_modules unset, peft's default for Llama-like models"),
     "attn": ("sdpa", "no attention key set, transformers' default (sdpa)"),
-    "compute_dtype": ("fp32", "the model loads in float32"),
+    "compute_dtype": ("bf16", "bf16 = auto (AxolotlInputConfig): bf16 where the GPU has it"),
     "quant": ("nf4", "bnb_4bit_quant_type = nf4"),
     "double_quant": (True, "bnb_4bit_use_double_quant = True"),
     "upcast_non_quantized": (

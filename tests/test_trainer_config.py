@@ -311,3 +311,11 @@ def test_a_null_max_length_plans_with_the_seq_flag(capsys, tmp_path):
     f.write_text("model_name_or_path: meta-llama/Llama-3.1-8B\nmax_length: null\nuse_peft: true\n")
     p = _plan_json(capsys, "--config", str(f), "--gpu", "80gb", "--seq", "4k")
     assert p["settings"]["seq"] == 4096
+
+
+def test_axolotl_trains_bf16_when_the_file_says_nothing(tmp_path):
+    f = tmp_path / "a.yml"
+    f.write_text("base_model: x\nadapter: lora\nmicro_batch_size: 1\ngradient_accumulation_steps: 1\n")
+    tc = read(f)
+    assert tc.values["compute_dtype"] == "bf16" and tc.read_from["compute_dtype"].startswith("default: bf16 = auto")
+    assert (tc.values["seq"], tc.values["gradient_checkpointing"]) == (512, False)
