@@ -761,7 +761,7 @@ def read_axolotl(data: dict, where: str) -> TrainerConfig:
         r.default("grad_accum", AXOLOTL_DEFAULTS)
     gc = k.get("gradient_checkpointing", "bool-or-str")
     if isinstance(gc, str):
-        if gc.lower() not in ("offload", "offload_disk", "unsloth", "true"):
+        if gc.lower() not in ("offload", "offload_disk", "true"):
             raise InputError(f"{where}: key 'gradient_checkpointing' is {shown(gc)}; expected true, false or offload")
         r.from_key("gradient_checkpointing", "gradient_checkpointing", True)
         if gc.lower() != "true":
@@ -1181,9 +1181,10 @@ LLAMA_FACTORY_DEFAULTS = {
     "upcast_non_quantized": (False, "LLaMA-Factory does not call peft's prepare_model_for_kbit_training"),
 }
 
-# Axolotl (src/axolotl/utils/schemas/config.py AxolotlInputConfig, read this session: sequence_len=512, gradient
-# checkpointing off, bf16="auto"); not read in source yet: micro_batch_size=1, gradient_accumulation_steps=1,
-# optimizer adamw_torch_fused, lora_dropout=0, transformers' default attention (sdpa) when no attention key is set.
+# Axolotl (read at commit 067b021, Jul 2026: utils/schemas/config.py sequence_len=512, gradient checkpointing off,
+# bf16="auto"; schemas/training.py micro_batch_size=1, gradient_accumulation_steps=1, optimizer adamw_torch_fused;
+# schemas/peft.py lora_dropout=0.0; loaders/model.py sets attn_implementation only when the file names one, so
+# transformers' default (sdpa) applies otherwise).
 # For QLoRA it builds BitsAndBytesConfig(nf4, double quantization) and calls peft's prepare_model_for_kbit_training,
 # then (src/axolotl/loaders/model.py, ModelLoader._configure_embedding_dtypes: `needs_fa2_dtype = True` for any adapter,
 # without FSDP) converts the norms and the embedding modules (embed_tokens, lm_head) back to cfg.torch_dtype: they
